@@ -1,0 +1,4 @@
+"""Allow `python -m aipipe`."""
+from .cli import main
+
+raise SystemExit(main())

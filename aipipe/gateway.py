@@ -1,0 +1,136 @@
+"""The gateway's shared state: config, store, ledger, token checks, prices and the upstream client.
+
+Handlers receive one Gateway through the route table and never reach for globals.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from tornado.httpclient import AsyncHTTPClient
+
+from .auth import AuthError, Identity, TokenVerifier, is_native_key, token_from_headers
+from .budget import over_budget_message, today_utc, window_start
+from .config import Config
+from .errors import ApiError
+from .ledger import Ledger
+from .pricing import PriceTable
+from .providers.base import Call
+from .providers.openrouter import ModelCatalog
+from .storage import Admission, Charge, HoldRequest, Store, StoreUnavailable
+
+log = logging.getLogger("aipipe")
+STORE_DOWN = "Usage store unavailable, try again shortly"
+
+
+@dataclass
+class Outcome:
+    """What happened to a proxied call, for its ledger row."""
+
+    status: int = 0
+    usage: object = None
+    streamed: bool = False
+    aborted: bool = False
+    output_bytes: int = 0
+    cost: float = 0.0
+
+
+class Gateway:
+    """Everything a request handler needs, built once per server process."""
+
+    def __init__(self, config: Config, store: Store, prices: PriceTable | None = None, spool_path: str | None = None):
+        self.config = config
+        self.store = store
+        self.prices = prices or PriceTable.shipped()
+        self.ledger = Ledger(store, spool_path=spool_path)
+        self.verifier = TokenVerifier(config.secret, config.salts, config.get("auth.token_cache_seconds"))
+        self.default_hold = config.get("limits.default_hold_usd")
+        self.http = AsyncHTTPClient(force_instance=True, max_clients=100_000, max_body_size=1 << 31)
+        self._catalog: ModelCatalog | None = None
+        self._prune_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Start background work on the running loop: the ledger writer and hold pruning."""
+        self.ledger.start()
+        self._prune_task = asyncio.get_running_loop().create_task(self._prune_forever())
+
+    async def close(self) -> None:
+        """Write pending charges and stop background work."""
+        if self._prune_task:
+            self._prune_task.cancel()
+        await self.ledger.close()
+        self.http.close()
+
+    async def _prune_forever(self, every: float = 60.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.store.prune(time.time())
+            except Exception as e:
+                log.warning("pruning holds failed: %s", e)
+
+    def identify(self, headers, allow_native: bool = True) -> Identity:
+        """Who sent the request; 401 for missing or bad tokens."""
+        token = token_from_headers(headers)
+        if token and is_native_key(token):
+            if not (allow_native and self.config.get("auth.allow_native_keys")):
+                raise ApiError(401, "Provider keys cannot be used here: use an AI Pipe token")
+            return Identity(email=None, native_key=token)
+        try:
+            return Identity(email=self.verifier.verify(token))
+        except AuthError as e:
+            raise ApiError(401, str(e)) from None
+
+    def is_admin(self, email: str | None) -> bool:
+        """Whether email is an admin."""
+        return bool(email) and email in self.config.admins
+
+    def provider_key(self, name: str) -> str:
+        """The operator's key for a provider; 503 if the operator set none."""
+        key = self.config.providers[name].api_key
+        if not key:
+            raise ApiError(503, f"{name} is not configured on this server")
+        return key
+
+    def openrouter_catalog(self) -> ModelCatalog:
+        """OpenRouter's model price list (created on first use)."""
+        if self._catalog is None:
+            c = self.config
+            self._catalog = ModelCatalog(c.providers["openrouter"].base_url + "/v1/models", self.http,
+                                         c.get("limits.openrouter_models_ttl"), c.get("limits.openrouter_refetch_seconds"))
+        return self._catalog
+
+    async def admit(self, email: str, hold: float) -> Admission:
+        """Check budget, concurrency and rate, and hold `hold` USD; 429 or 503 when refused."""
+        budget = self.config.budget_for(email)
+        c = self.config
+        request = HoldRequest(email=email, amount=hold, since=window_start(budget, today_utc()), limit=budget.limit,
+                              max_inflight=c.get("limits.max_concurrent_per_user"), rpm=c.get("limits.rpm_per_user"),
+                              hold_seconds=c.get("limits.hold_seconds"))
+        try:
+            admission = await self.ledger.reserve(request)
+        except StoreUnavailable as e:
+            log.error("store unavailable while admitting a request: %s", e)
+            raise ApiError(503, STORE_DOWN) from None
+        if admission.refused == "budget":
+            raise ApiError(429, over_budget_message(admission.spent + admission.held, budget))
+        if admission.refused == "concurrency":
+            raise ApiError(429, f"Too many requests in flight (at most {request.max_inflight} at once)",
+                           {"Retry-After": str(admission.retry_after)})
+        if admission.refused == "rate":
+            raise ApiError(429, f"Rate limit: at most {request.rpm} requests per minute",
+                           {"Retry-After": str(admission.retry_after)})
+        return admission
+
+    def settle(self, email: str, admission: Admission, provider: str, call: Call, outcome: Outcome,
+               duration_ms: float) -> asyncio.Future:
+        """Queue the call's charge (or just release its hold when it cost nothing)."""
+        billed = call.billable and 200 <= outcome.status < 300
+        return self.ledger.settle(Charge(
+            email=email, day=today_utc(), cost=outcome.cost if billed else 0.0, hold_id=admission.hold_id,
+            kind="request" if billed else "release", provider=provider, model=call.model,
+            input_tokens=getattr(outcome.usage, "input_tokens", 0), output_tokens=getattr(outcome.usage, "output_tokens", 0),
+            status=outcome.status, duration_ms=duration_ms, streamed=outcome.streamed, aborted=outcome.aborted,
+            ts=time.time()))

@@ -1,0 +1,80 @@
+"""The base handler: CORS on every response, every error as JSON {"message": ...}."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import tornado.web
+
+from ..errors import ApiError
+from ..gateway import Gateway
+
+log = logging.getLogger("aipipe")
+ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+EXPOSE_HEADERS = "*, X-AIPipe-Cost, X-AIPipe-Overhead-Ms, X-Proxy-URL, Retry-After, Content-Type"
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    """JSON API handler with CORS and uniform errors; dependencies arrive via initialize()."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    def initialize(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    def set_default_headers(self) -> None:
+        self.set_header("Access-Control-Allow-Origin", "*")
+        self.set_header("Access-Control-Allow-Methods", ALLOW_METHODS)
+        requested = self.request.headers.get("Access-Control-Request-Headers")
+        self.set_header("Access-Control-Allow-Headers", requested or "Authorization, Content-Type")
+        self.set_header("Access-Control-Expose-Headers", EXPOSE_HEADERS)
+
+    def options(self, *args: Any) -> None:
+        """CORS preflight: 200, no auth, cached for a day."""
+        self.set_header("Access-Control-Max-Age", "86400")
+        self.set_status(200)
+        self.finish()
+
+    def send_json(self, obj: Any, status: int = 200) -> None:
+        """Finish with obj as JSON."""
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(obj))
+
+    def json_body(self) -> dict:
+        """The request body as a JSON object; 400 otherwise."""
+        try:
+            data = orjson.loads(self.request.body or b"")
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "Request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "Request body must be a JSON object")
+        return data
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every error leaves as JSON {"message": ...} with CORS headers."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            message = exc.message
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif isinstance(exc, tornado.web.HTTPError) and exc.log_message and status_code < 500:
+            message = exc.reason or self._reason
+        else:
+            message = self._reason if status_code < 500 else "Internal server error"
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps({"message": message}))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, ApiError):
+            return  # expected refusals; the access log has the status
+        super().log_exception(typ, value, tb)
+
+
+class NotFoundHandler(ApiHandler):
+    """Any path no route claims."""
+
+    def prepare(self) -> None:
+        if self.request.method != "OPTIONS":
+            raise ApiError(404, "Not found")

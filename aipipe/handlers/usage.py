@@ -1,0 +1,61 @@
+"""GET /usage: the caller's spend per day over their budget window (or ?days=N)."""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from ..budget import resets_at, today_utc, window_days, window_start
+from ..errors import ApiError
+from ..storage import StoreUnavailable
+from .base import ApiHandler
+
+
+def int_arg(handler: ApiHandler, name: str, default: int, low: int, high: int) -> int:
+    """An integer query argument within [low, high]; 400 naming it otherwise."""
+    raw = handler.get_query_argument(name, None)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}")
+    return value
+
+
+class UsageHandler(ApiHandler):
+    """The signed-in user's usage and limit."""
+
+    async def get(self) -> None:
+        identity = self.gw.identify(self.request.headers, allow_native=False)
+        email = identity.email
+        asked = (self.get_query_argument("email", "") or "").strip().lower()
+        if asked and asked != email:
+            if not self.gw.is_admin(email):
+                raise ApiError(403, "Admin access required")
+            email = asked
+        budget = self.gw.config.budget_for(email)
+        today = today_utc()
+        start = window_start(budget, today)
+        days = int_arg(self, "days", window_days(budget, today), 1, 366)
+        since = min(start, today - timedelta(days=days - 1))
+        shown = today - timedelta(days=days - 1)
+        try:
+            rows = dict(await self.gw.store.daily_usage(email, since))
+            holds = await self.gw.store.open_holds(email, time.time())
+            models = await self.gw.store.usage_by_model(email, shown) if self.get_query_argument("by", "") == "model" else None
+        except StoreUnavailable:
+            raise ApiError(503, "Usage store unavailable, try again shortly") from None
+        usage = [{"date": d.isoformat(), "cost": rows.get(d.isoformat(), 0.0)}
+                 for d in (shown + timedelta(days=i) for i in range(days))]
+        spent = sum(c for d, c in rows.items() if d >= start.isoformat())
+        body = {
+            "email": email, "days": days, "cost": sum(u["cost"] for u in usage), "usage": usage,
+            "limit": budget.limit, "spent": spent, "held": holds, "remaining": max(0.0, budget.limit - spent - holds),
+            "window": {"days": budget.days if not budget.period else window_days(budget, today),
+                       "period": budget.period, "start": start.isoformat(), "resets": resets_at(budget, today)},
+        }
+        if models is not None:
+            body["models"] = models
+        self.send_json(body)

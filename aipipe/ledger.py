@@ -1,0 +1,151 @@
+"""The one writer between request handlers and the store.
+
+Handlers ask to reserve budget and hand in charges; a single task drains both queues and
+turns everything that piled up into one settle transaction and one reserve transaction.
+Settlements go first, so a request that finished counts against the very next admission.
+A settlement is never dropped: if the store is down it is retried until the store is back,
+and at shutdown whatever could not be written is spooled to a file and replayed at start.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from datetime import date
+
+from .storage import Admission, Charge, HoldRequest, Store, StoreUnavailable
+
+log = logging.getLogger("aipipe.ledger")
+MAX_BATCH = 512
+
+
+class Ledger:
+    """Batches reservations and settlements into few transactions."""
+
+    def __init__(self, store: Store, spool_path: str | None = None, retry_seconds: float = 1.0):
+        self.store = store
+        self.spool_path = spool_path
+        self.retry_seconds = retry_seconds
+        self._reserves: list[tuple[HoldRequest, asyncio.Future]] = []
+        self._settles: list[Charge] = []
+        self._settled_waiters: list[asyncio.Future] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        """Start the writer task on the running loop, replaying any spooled charges first."""
+        self._settles[:0] = self._read_spool()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._settles:
+            self._wake.set()
+
+    async def reserve(self, request: HoldRequest) -> Admission:
+        """Admit (or refuse) one request; raises StoreUnavailable when the store is down."""
+        fut = asyncio.get_running_loop().create_future()
+        self._reserves.append((request, fut))
+        self._wake.set()
+        return await fut
+
+    def settle(self, charge: Charge) -> asyncio.Future:
+        """Queue a charge; the returned future resolves once it is committed (awaiting it is optional)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._settles.append(charge)
+        self._settled_waiters.append(fut)
+        self._wake.set()
+        return fut
+
+    @property
+    def pending(self) -> int:
+        """Charges not yet committed."""
+        return len(self._settles)
+
+    async def _run(self) -> None:
+        while not (self._closing and not self._settles and not self._reserves):
+            await self._wake.wait()
+            self._wake.clear()
+            await self._write_settles()
+            await self._write_reserves()
+
+    async def _write_settles(self) -> None:
+        while self._settles:
+            batch, waiters = self._settles[:MAX_BATCH], self._settled_waiters[:MAX_BATCH]
+            try:
+                await self.store.settle(batch)
+            except Exception as e:  # keep the charges and try again: money is never dropped
+                log.error("could not write %d charges (%s); retrying in %.0fs", len(batch), e, self.retry_seconds)
+                if self._closing:
+                    return
+                await asyncio.sleep(self.retry_seconds)
+                continue
+            del self._settles[:len(batch)], self._settled_waiters[:len(batch)]
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    async def _write_reserves(self) -> None:
+        while self._reserves:
+            batch, self._reserves = self._reserves[:MAX_BATCH], self._reserves[MAX_BATCH:]
+            live = [(r, f) for r, f in batch if not f.cancelled()]
+            if not live:
+                continue
+            try:
+                results = await self.store.reserve([r for r, _ in live], time.time())
+            except Exception as e:
+                err = e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e))
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(err)
+                continue
+            for (_, f), admission in zip(live, results):
+                if not f.done():
+                    f.set_result(admission)
+                elif admission.hold_id is not None:  # the caller left: give the hold back
+                    self.settle(Charge(email=admission_email(live, f), day=date.today(), cost=0.0,
+                                       hold_id=admission.hold_id, kind="release"))
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (waiting at most timeout), spool the rest, and stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+        if self._settles:
+            self._write_spool(self._settles)
+            self._settles = []
+        for _, f in self._reserves:
+            if not f.done():
+                f.set_exception(StoreUnavailable("server is shutting down"))
+
+    def _write_spool(self, charges: list[Charge]) -> None:
+        if not self.spool_path:
+            log.error("%d charges could not be written and no spool file is set", len(charges))
+            return
+        with open(self.spool_path, "a", encoding="utf-8") as f:
+            for c in charges:
+                row = asdict(c)
+                row["day"] = c.day.isoformat()
+                f.write(json.dumps(row) + "\n")
+        log.warning("spooled %d unwritten charges to %s; they are replayed at next start", len(charges), self.spool_path)
+
+    def _read_spool(self) -> list[Charge]:
+        if not self.spool_path or not os.path.exists(self.spool_path):
+            return []
+        with open(self.spool_path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        os.replace(self.spool_path, self.spool_path + ".replayed")
+        charges = [Charge(**{**r, "day": date.fromisoformat(r["day"])}) for r in rows]
+        self._settled_waiters[:0] = [asyncio.get_running_loop().create_future() for _ in charges]
+        log.warning("replaying %d spooled charges from %s", len(charges), self.spool_path)
+        return charges
+
+
+def admission_email(batch: list[tuple[HoldRequest, asyncio.Future]], fut: asyncio.Future) -> str:
+    """The email of the request whose future is fut."""
+    return next(r.email for r, f in batch if f is fut)

@@ -1,0 +1,141 @@
+"""What every provider module provides, and the per-request record they fill in."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from tornado.httputil import HTTPHeaders, parse_body_arguments
+
+from ..errors import ApiError
+from ..pricing import Price, cost_of
+from ..usage import Usage
+
+# Request headers a client may send to the provider; everything else (Cookie, Origin, Referer,
+# hop-by-hop headers, OpenAI-Organization/Project, the caller's own credentials) stays here.
+FORWARD_REQUEST_HEADERS = frozenset({
+    "accept", "accept-language", "content-type", "user-agent", "openai-beta", "idempotency-key",
+    "http-referer", "x-title", "x-request-id", "x-client-request-id",
+})
+FORWARD_REQUEST_PREFIXES = ("x-stainless-",)
+NO_BODY_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")
+MISSING_MODEL = "Pass a JSON body with {model} so we can calculate cost"
+
+
+@dataclass
+class Call:
+    """One proxied request, as the provider prepares and prices it."""
+
+    method: str
+    path: str  # below the provider prefix, starting with "/"
+    query: str
+    headers: HTTPHeaders
+    body: bytes
+    data: Any = None  # the parsed JSON body, when there is one
+    model: str = ""
+    price: Price | None = None
+    billable: bool = False
+    hold: float = 0.0  # USD held against the budget while the call runs
+    fallback_cost: float = 0.0  # USD charged when a successful answer carries no usage
+    strip_usage_chunk: bool = False  # the gateway asked for stream usage; hide that chunk
+    input_estimate: int = 0  # tokens, from the request size
+    extra: dict = field(default_factory=dict)
+
+    def json(self) -> Any:
+        """The body as JSON (parsed once); 400 when it is not valid JSON."""
+        if self.data is None:
+            try:
+                self.data = orjson.loads(self.body or b"null")
+            except orjson.JSONDecodeError:
+                raise ApiError(400, "Request body is not valid JSON") from None
+        return self.data
+
+    def form_field(self, name: str) -> str:
+        """A multipart/form-data or urlencoded field of the body ("" if absent)."""
+        args: dict = {}
+        parse_body_arguments(self.headers.get("Content-Type", ""), self.body, args, {}, self.headers)
+        values = args.get(name) or [b""]
+        return values[0].decode("utf-8", "replace")
+
+    def body_model(self) -> str:
+        """The model named in a JSON or multipart body."""
+        ctype = self.headers.get("Content-Type", "").lower()
+        if "json" in ctype:
+            data = self.json()
+            model = data.get("model") if isinstance(data, dict) else None
+            return model if isinstance(model, str) else ""
+        if "multipart/form-data" in ctype or "x-www-form-urlencoded" in ctype:
+            return self.form_field("model")
+        return ""
+
+    def max_output_tokens(self) -> int:
+        """The largest answer the request allows, from max_tokens and its spellings (0 if none)."""
+        data = self.data if isinstance(self.data, dict) else {}
+        cfg = data.get("generationConfig") if isinstance(data.get("generationConfig"), dict) else {}
+        for v in (data.get("max_completion_tokens"), data.get("max_output_tokens"), data.get("max_tokens"),
+                  cfg.get("maxOutputTokens")):
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return 0
+
+
+def require_price(call: Call, price: Price | None, model: str) -> Price:
+    """The price, or 400 `Model X pricing unknown` before anything goes upstream."""
+    if price is None:
+        raise ApiError(400, f"Model {model} pricing unknown")
+    call.model, call.price, call.billable = model, price, True
+    return price
+
+
+def set_hold(call: Call, price: Price, default_hold: float, fixed: float = 0.0) -> None:
+    """Estimate the call's cost before it runs: prompt bytes / 4 at the input price plus max output.
+
+    `fixed` is a cost known from the request alone (characters to speak, images to draw).
+    """
+    ctype = call.headers.get("Content-Type", "").lower()
+    call.input_estimate = len(call.body) // 4 if "json" in ctype else 0
+    max_out = call.max_output_tokens()
+    estimate = cost_of(price, Usage(input_tokens=call.input_estimate, output_tokens=max_out))
+    if not max_out and (price.output or price.input) and not fixed:
+        estimate += default_hold
+    call.hold = estimate + fixed
+    call.fallback_cost = call.hold
+
+
+def streamed_estimate(call: Call, output_bytes: int) -> float:
+    """Cost guessed from what was streamed, for answers that ended without usage."""
+    if call.price is None:
+        return call.fallback_cost
+    guess = cost_of(call.price, Usage(input_tokens=call.input_estimate, output_tokens=output_bytes // 4))
+    return max(guess, call.fallback_cost)
+
+
+class Provider:
+    """A provider: where to send, how to authenticate, how to prepare and price a call."""
+
+    name = ""
+    prefix = ""  # URL path prefix below the provider's base_url
+
+    def target_url(self, base_url: str, call: Call) -> str:
+        """The upstream URL for call."""
+        url = base_url + self.prefix + call.path
+        return f"{url}?{call.query}" if call.query else url
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        """Headers that carry the operator's (or a native) key upstream."""
+        return {"Authorization": f"Bearer {key}"}
+
+    def forward_headers(self, call: Call, key: str) -> dict[str, str]:
+        """The allow-listed request headers plus the key."""
+        out = {k: v for k, v in call.headers.get_all()
+               if k.lower() in FORWARD_REQUEST_HEADERS or k.lower().startswith(FORWARD_REQUEST_PREFIXES)}
+        out.update(self.auth_headers(key))
+        return out
+
+    async def prepare(self, call: Call, gateway) -> None:
+        """Validate, price and possibly rewrite call; raise ApiError to refuse it."""
+        raise NotImplementedError
+
+    def cost(self, call: Call, usage: Usage) -> float:
+        """USD for usage reported by the provider."""
+        return cost_of(call.price, usage) if call.price else 0.0

@@ -1,0 +1,47 @@
+"""OpenAI: /openai/* -> {base_url}/*, priced from the shipped table."""
+from __future__ import annotations
+
+import orjson
+
+from ..errors import ApiError
+from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price, set_hold
+
+# POSTs that cost nothing and name no model.
+FREE_PATHS = ("/v1/files", "/v1/uploads", "/v1/moderations")
+
+
+class OpenAI(Provider):
+    """OpenAI's API: chat completions, responses, embeddings, audio, images, models."""
+
+    name = "openai"
+
+    async def prepare(self, call: Call, gateway) -> None:
+        """Require a priced model on every paid call; ask chat streams to report usage."""
+        if call.method in NO_BODY_METHODS or call.path.startswith(FREE_PATHS) or call.path.endswith("/cancel"):
+            return
+        model = call.body_model()
+        if not model:
+            raise ApiError(400, MISSING_MODEL)
+        price = require_price(call, gateway.prices.lookup("openai", model), model)
+        data = call.data if isinstance(call.data, dict) else {}
+        set_hold(call, price, gateway.default_hold, fixed=self._fixed_cost(call, data))
+        if data.get("stream") is True and call.path.endswith("/chat/completions"):
+            options = data.get("stream_options") if isinstance(data.get("stream_options"), dict) else {}
+            if not options.get("include_usage"):
+                data["stream_options"] = {**options, "include_usage": True}
+                call.body = orjson.dumps(data)
+                call.strip_usage_chunk = True
+
+    @staticmethod
+    def _fixed_cost(call: Call, data: dict) -> float:
+        """Costs the answer will not report: characters spoken, images drawn."""
+        price = call.price
+        if price.per_million_chars and isinstance(data.get("input"), str):
+            return len(data["input"]) * price.per_million_chars / 1e6
+        if price.per_image:
+            n = data.get("n", 1)
+            return price.per_image * (n if isinstance(n, int) and 0 < n <= 10 else 1)
+        return 0.0
+
+
+PROVIDER = OpenAI()

@@ -1,0 +1,104 @@
+"""OpenRouter: /openrouter/* -> {base_url}/*, priced by usage.cost or the live model list."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from tornado.httpclient import HTTPRequest
+
+from ..errors import ApiError
+from ..pricing import Price, cost_of
+from ..usage import Usage
+from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price, set_hold
+
+log = logging.getLogger("aipipe.openrouter")
+
+
+def price_from_pricing(pricing: dict) -> Price:
+    """OpenRouter's per-token price strings as a Price in USD per million tokens."""
+    def per_million(key: str) -> float | None:
+        try:
+            value = float(pricing[key])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return value * 1e6 if value >= 0 else None  # -1 marks "varies": treat as unknown
+
+    prompt, completion = per_million("prompt"), per_million("completion")
+    if prompt is None or completion is None:
+        raise ValueError("no prompt/completion price")
+    request = per_million("request")
+    return Price(input=prompt, output=completion, cached_input=per_million("input_cache_read"),
+                 image_input=per_million("image") or None, per_request=(request or 0) / 1e6)
+
+
+class ModelCatalog:
+    """OpenRouter's /v1/models prices, cached for `ttl`; refetched on a miss at most every `refetch`."""
+
+    def __init__(self, url: str, http, ttl: float = 3600.0, refetch: float = 60.0):
+        self.url, self.http, self.ttl, self.refetch = url, http, ttl, refetch
+        self.prices: dict[str, Price] = {}
+        self.fetched_at = float("-inf")
+        self._inflight: asyncio.Future | None = None
+
+    async def price(self, model: str) -> Price | None:
+        """The model's price, fetching the list when it is stale or (rate-limited) when the model is new."""
+        age = time.monotonic() - self.fetched_at
+        if age > self.ttl or (model not in self.prices and age > self.refetch):
+            await self._refresh()
+        return self.prices.get(model)
+
+    async def _refresh(self) -> None:
+        if self._inflight is None:  # one fetch serves every caller waiting on it
+            self._inflight = asyncio.ensure_future(self._fetch())
+        fut = self._inflight
+        try:
+            await asyncio.shield(fut)
+        finally:
+            if self._inflight is fut and fut.done():
+                self._inflight = None
+
+    async def _fetch(self) -> None:
+        self.fetched_at = time.monotonic()  # set first: a failing list is not hammered either
+        try:
+            resp = await self.http.fetch(HTTPRequest(self.url, request_timeout=30), raise_error=True)
+            models = orjson.loads(resp.body)["data"]
+        except Exception as e:
+            log.warning("could not load OpenRouter model prices from %s: %s", self.url, e)
+            return
+        prices = {}
+        for m in models:
+            try:
+                prices[m["id"]] = price_from_pricing(m["pricing"])
+            except (KeyError, TypeError, ValueError):
+                continue
+        self.prices = prices
+
+
+class OpenRouter(Provider):
+    """OpenRouter's OpenAI-compatible API across many models."""
+
+    name = "openrouter"
+
+    async def prepare(self, call: Call, gateway) -> None:
+        """Require a model OpenRouter lists a price for."""
+        if call.method in NO_BODY_METHODS:
+            return
+        model = call.body_model()
+        if not model:
+            raise ApiError(400, MISSING_MODEL)
+        catalog = gateway.openrouter_catalog()
+        price = await catalog.price(model)
+        if price is None and ":" in model:  # routing suffixes such as :nitro price like the base model
+            price = await catalog.price(model.split(":", 1)[0])
+        set_hold(call, require_price(call, price, model), gateway.default_hold)
+
+    def cost(self, call: Call, usage: Usage) -> float:
+        """OpenRouter's own usage.cost when it reports one, else tokens at the listed price."""
+        if usage.cost is not None:
+            return usage.cost
+        return cost_of(call.price, usage) if call.price else 0.0
+
+
+PROVIDER = OpenRouter()

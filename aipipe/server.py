@@ -1,0 +1,83 @@
+"""make_app(gateway) -> tornado.web.Application, and run(): the serving process itself."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.process
+import tornado.web
+
+from .config import Config
+from .gateway import Gateway
+from .handlers import routes
+from .storage import StoreConfigError, mask_url, open_store
+
+log = logging.getLogger("aipipe")
+access_log = logging.getLogger("aipipe.access")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """One access-log line per request; query strings are left out (they can carry credentials)."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    ms = 1000.0 * handler.request.request_time()
+    access_log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path, ms)
+
+
+def make_app(gateway: Gateway, **settings) -> tornado.web.Application:
+    """The Tornado application for a gateway; extra settings go to Application."""
+    return tornado.web.Application(routes(gateway), log_function=log_request, gateway=gateway, **settings)
+
+
+def _install_fast_loop() -> None:
+    try:
+        import uvloop  # optional: pip install aipipe[fast]
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config: Config, sockets, spool_path: str) -> None:
+    try:
+        store = await open_store(config.get("storage.url"), config.get("storage.pool_min"), config.get("storage.pool_max"))
+    except StoreConfigError as e:
+        log.error("%s", e)
+        raise SystemExit(1) from None
+    gateway = Gateway(config, store, spool_path=spool_path)
+    await gateway.start()
+    server = tornado.httpserver.HTTPServer(make_app(gateway), xheaders=config.get("server.xheaders"),
+                                          max_body_size=256 * 1024 * 1024)
+    server.add_sockets(sockets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing open requests and writing pending charges")
+    server.stop()
+    try:
+        await asyncio.wait_for(server.close_all_connections(), 30)
+    except asyncio.TimeoutError:
+        log.warning("some connections were still open after 30s")
+    await gateway.close()
+    await store.close()
+
+
+def run(config: Config, host: str, port: int, processes: int = 1) -> None:
+    """Bind, optionally fork worker processes, and serve until SIGTERM/SIGINT."""
+    sockets = tornado.netutil.bind_sockets(port, host)
+    log.info("AI Pipe listening on http://%s:%d (storage %s)", host, port, mask_url(config.get("storage.url")))
+    task_id = None
+    if processes > 1:
+        task_id = tornado.process.fork_processes(processes)
+    spool = os.path.abspath(f"aipipe-unsettled{'' if task_id is None else f'-{task_id}'}.jsonl")
+    _install_fast_loop()
+    try:
+        asyncio.run(_serve(config, sockets, spool))
+    except KeyboardInterrupt:
+        sys.exit(0)

@@ -1,0 +1,81 @@
+"""Reading token usage out of provider answers, whatever spelling the provider uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one call; subsets (cached, audio, image, reasoning) are included in the totals."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    image_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    seconds: float = 0.0  # audio duration, for per-minute models
+    cost: float | None = None  # USD the provider itself reported (OpenRouter)
+    model: str = ""
+
+
+def _int(d: dict | None, *keys: str) -> int:
+    if not isinstance(d, dict):
+        return 0
+    for k in keys:
+        v = d.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return int(v)
+    return 0
+
+
+def _model_of(obj: dict) -> str:
+    model = obj.get("model") or obj.get("modelVersion")
+    if not model and isinstance(obj.get("response"), dict):
+        model = obj["response"].get("model")
+    return model if isinstance(model, str) else ""
+
+
+def read_usage(obj) -> Usage | None:
+    """Usage from an OpenAI, Responses API, OpenRouter or Gemini JSON object; None if it has none."""
+    if not isinstance(obj, dict):
+        return None
+    u = obj.get("usage")
+    if not isinstance(u, dict) and isinstance(obj.get("response"), dict):
+        u = obj["response"].get("usage")  # Responses API stream: response.completed
+    if isinstance(u, dict):
+        return _openai_usage(u, _model_of(obj))
+    meta = obj.get("usageMetadata")
+    if isinstance(meta, dict):
+        return _gemini_usage(meta, _model_of(obj))
+    return None
+
+
+def _openai_usage(u: dict, model: str) -> Usage:
+    in_details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or u.get("input_token_details")
+    out_details = u.get("completion_tokens_details") or u.get("output_tokens_details")
+    cost = u.get("cost")
+    return Usage(
+        input_tokens=_int(u, "prompt_tokens", "input_tokens"),
+        output_tokens=_int(u, "completion_tokens", "output_tokens"),
+        cached_tokens=_int(in_details, "cached_tokens"),
+        audio_input_tokens=_int(in_details, "audio_tokens"),
+        audio_output_tokens=_int(out_details, "audio_tokens"),
+        image_input_tokens=_int(in_details, "image_tokens"),
+        reasoning_tokens=_int(out_details, "reasoning_tokens"),
+        seconds=float(u.get("seconds") or 0) if u.get("type") == "duration" else 0.0,
+        cost=float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None,
+        model=model,
+    )
+
+
+def _gemini_usage(meta: dict, model: str) -> Usage:
+    # thoughtsTokenCount is billed as output but not counted in candidatesTokenCount
+    return Usage(
+        input_tokens=_int(meta, "promptTokenCount"),
+        output_tokens=_int(meta, "candidatesTokenCount") + _int(meta, "thoughtsTokenCount"),
+        cached_tokens=_int(meta, "cachedContentTokenCount"),
+        reasoning_tokens=_int(meta, "thoughtsTokenCount"),
+        model=model,
+    )

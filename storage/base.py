@@ -1,0 +1,155 @@
+"""The storage interface every backend implements, and the records it speaks in."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be reached right now; callers answer 503 and retry later."""
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    """Ask to admit one request for `email` and hold `amount` USD of budget while it runs."""
+
+    email: str
+    amount: float
+    since: date  # first UTC date of the budget window
+    limit: float
+    max_inflight: int = 0  # 0 = no cap
+    rpm: int = 0  # 0 = no limit
+    hold_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer to a HoldRequest: a hold id when admitted, else why not."""
+
+    hold_id: int | None
+    spent: float  # settled cost in the window
+    held: float  # open holds, before this one
+    refused: str | None = None  # "budget" | "concurrency" | "rate"
+    retry_after: int = 0
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A finished request: its ledger row, and the hold it releases."""
+
+    email: str
+    day: date
+    cost: float
+    hold_id: int | None = None
+    kind: str = "request"  # "request" | "adjust" | "release" (no ledger row)
+    provider: str = ""
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    status: int = 0
+    duration_ms: float = 0.0
+    streamed: bool = False
+    aborted: bool = False
+    ts: float = 0.0
+
+
+class Store:
+    """Async storage for budgets, holds and the cost ledger. All money is USD."""
+
+    url: str = ""
+
+    async def setup(self) -> None:
+        """Create or migrate the schema (safe to run from several processes at once)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections."""
+        raise NotImplementedError
+
+    async def reserve(self, requests: list[HoldRequest], now: float) -> list[Admission]:
+        """Admit and hold each request in order, atomically, in one transaction."""
+        raise NotImplementedError
+
+    async def settle(self, charges: list[Charge]) -> None:
+        """Write ledger rows, add to daily totals and release holds, in one transaction."""
+        raise NotImplementedError
+
+    async def spend(self, email: str, since: date) -> float:
+        """Settled cost for email from `since` (a UTC date) to now."""
+        raise NotImplementedError
+
+    async def open_holds(self, email: str, now: float) -> float:
+        """USD currently held for email's requests in flight."""
+        raise NotImplementedError
+
+    async def daily_usage(self, email: str, since: date) -> list[tuple[str, float]]:
+        """[(YYYY-MM-DD, cost)] for email from `since`, oldest first, days with spend only."""
+        raise NotImplementedError
+
+    async def usage_by_model(self, email: str, since: date) -> list[dict]:
+        """Per provider and model: requests, tokens and cost from the ledger since `since`."""
+        raise NotImplementedError
+
+    async def all_usage(
+        self, email: str | None = None, since: date | None = None, until: date | None = None,
+        limit: int = 1000, offset: int = 0,
+    ) -> list[dict]:
+        """[{email, date, cost}] newest first, optionally filtered, paged."""
+        raise NotImplementedError
+
+    async def set_cost(self, email: str, day: date, cost: float, now: float) -> None:
+        """Overwrite one day's total, recording the difference as an "adjust" ledger row."""
+        raise NotImplementedError
+
+    async def ledger(self, email: str | None = None, limit: int = 100) -> list[dict]:
+        """Newest ledger rows, optionally for one email."""
+        raise NotImplementedError
+
+    async def prune(self, now: float) -> None:
+        """Drop released and expired holds older than the rate window."""
+        raise NotImplementedError
+
+
+RATE_WINDOW = 60.0  # seconds over which requests per minute are counted
+
+
+@dataclass
+class UserState:
+    """What a backend read about one user inside the reserve transaction."""
+
+    daily: list[tuple[str, float]]  # (YYYY-MM-DD, cost) from the earliest `since` in the batch
+    held: float = 0.0
+    inflight: int = 0
+    recent: list[float] | None = None  # creation times of holds in the rate window, oldest first
+
+
+def decide_batch(
+    requests: list[HoldRequest], states: dict[str, UserState], now: float, new_id
+) -> tuple[list[Admission], list[tuple]]:
+    """Admit requests in order against each user's state; returns admissions and hold rows to insert.
+
+    A request is admitted when settled spend + open holds < limit, the user has fewer than
+    max_inflight requests open and fewer than rpm requests in the last minute. Each admitted
+    request's hold counts against the ones after it in the same batch.
+    """
+    admissions, rows = [], []
+    for req in requests:
+        st = states[req.email]
+        since = req.since.isoformat()
+        spent = sum(cost for day, cost in st.daily if day >= since)
+        recent = st.recent or []
+        if req.max_inflight and st.inflight >= req.max_inflight:
+            admissions.append(Admission(None, spent, st.held, "concurrency", 1))
+        elif req.rpm and len(recent) >= req.rpm:
+            wait = recent[len(recent) - req.rpm] + RATE_WINDOW - now
+            admissions.append(Admission(None, spent, st.held, "rate", max(1, int(wait + 0.999))))
+        elif spent + st.held >= req.limit:
+            admissions.append(Admission(None, spent, st.held, "budget"))
+        else:
+            hold_id = new_id()
+            rows.append((hold_id, req.email, req.amount, now, now + req.hold_seconds))
+            admissions.append(Admission(hold_id, spent, st.held))
+            st.held += req.amount
+            st.inflight += 1
+            st.recent = recent + [now]
+    return admissions, rows
