@@ -133,9 +133,16 @@ class ProviderHandler(ApiHandler):
         self._mode = "sse" if "text/event-stream" in ctype else "json" if "json" in ctype else "raw"
         self._received_at = time.perf_counter()
         self.set_status(status, reason or None)
+        seen = set()
         for name, value in headers.get_all():
-            if name.lower() not in DROP_RESPONSE_HEADERS:
+            lower = name.lower()
+            if lower in DROP_RESPONSE_HEADERS:
+                continue
+            if lower in seen:
                 self.add_header(name, value)
+            else:
+                seen.add(lower)
+                self.set_header(name, value)  # replaces Tornado's defaults (Content-Type, Server, Date)
         if self._mode != "json":
             self.outcome.streamed = self._mode == "sse"
             self._set_overhead()
