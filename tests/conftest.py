@@ -94,21 +94,17 @@ def store_url(request, tmp_path):
 
 @pytest.fixture
 def make_gateway(io_loop, upstream, store_url):
-    """Build a started Gateway; overrides are merged into the config sections."""
+    """`await make_gateway(env=..., **sections)` -> a started Gateway; sections are merged into the config."""
     made = []
 
-    def make(env: dict | None = None, **sections) -> Gateway:
+    async def make(env: dict | None = None, **sections) -> Gateway:
         data = base_config(upstream.url, store_url)
         for section, values in sections.items():
             data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
         config = build_config(data, {**ENV, **(env or {})})
-
-        async def start():
-            store = await open_store(config.get("storage.url"))
-            gw = Gateway(config, store)
-            await gw.start()
-            return gw
-        gw = io_loop.run_sync(start)
+        store = await open_store(config.get("storage.url"))
+        gw = Gateway(config, store)
+        await gw.start()
         made.append(gw)
         return gw
 
@@ -122,8 +118,8 @@ def make_gateway(io_loop, upstream, store_url):
 
 
 @pytest.fixture
-def gateway(make_gateway):
-    return make_gateway()
+def gateway(io_loop, make_gateway):
+    return io_loop.run_sync(make_gateway)
 
 
 @pytest.fixture
@@ -138,7 +134,7 @@ def token(email: str, salt: str | None = None, secret: str = SECRET, **kw) -> st
 
 @pytest.fixture
 def call(http_client, base_url):
-    """fetch(path, method=..., json=..., body=..., token=..., headers=...) -> response, never raising on status."""
+    """fetch(path or URL, method=..., json=..., body=..., token=..., headers=...) -> response, never raising on status."""
     import orjson
 
     async def fetch(path, method="GET", json=None, body=None, token=None, headers=None, **kw):
@@ -150,7 +146,24 @@ def call(http_client, base_url):
             headers.setdefault("Content-Type", "application/json")
         if body is None and method in ("POST", "PUT", "PATCH"):
             body = b""
-        req = HTTPRequest(base_url + path, method=method, headers=headers, body=body,
+        url = path if path.startswith("http") else base_url + path
+        req = HTTPRequest(url, method=method, headers=headers, body=body,
                           allow_nonstandard_methods=True, request_timeout=30, **kw)
         return await http_client.fetch(req, raise_error=False)
     return fetch
+
+
+@pytest.fixture
+def serve(io_loop):
+    """serve(gateway) -> base URL of another server for that gateway (for tests needing a second config)."""
+    servers = []
+
+    def start(gw: Gateway) -> str:
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(make_app(gw))
+        server.add_sockets([sock])
+        servers.append(server)
+        return f"http://127.0.0.1:{port}"
+    yield start
+    for server in servers:
+        server.stop()

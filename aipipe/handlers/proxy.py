@@ -100,11 +100,15 @@ class ProviderHandler(ApiHandler):
             connect_timeout=min(30.0, self.gw.config.get("limits.upstream_timeout")),
             request_timeout=self.gw.config.get("limits.upstream_timeout"))
         self._sent_at = time.perf_counter()
-        response = await self.gw.http.fetch(request, raise_error=False)
-        if response.code == 599 and not self._mode:
-            raise self._connection_error(response.error)
-        if response.code == 599:
-            log.warning("upstream %s broke off mid-answer: %s", self.provider_name, response.error)
+        try:
+            response = await self.gw.http.fetch(request, raise_error=False)
+            error = response.error if response.code == 599 else None
+        except (OSError, HTTPClientError, StreamClosedError) as e:  # raise_error=False still raises these
+            error = e
+        if error is not None and not self._mode:
+            raise self._connection_error(error)
+        if error is not None:
+            log.warning("upstream %s broke off mid-answer: %s", self.provider_name, error)
         await self._finish_answer()
 
     def _connection_error(self, error) -> ApiError:
