@@ -1,0 +1,90 @@
+"""Proxying OpenRouter: billed by its reported cost, else by its model list, refused when unpriced."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import orjson
+import pytest
+from tornado.httputil import HTTPHeaders
+from tornado.iostream import IOStream
+
+from .conftest import token
+from .fake_upstream import OPERATOR_KEYS
+from .helpers import chat, message, settled, spent, sse_data
+
+
+@pytest.mark.gen_test
+async def test_openrouter_json_is_billed_by_reported_cost(call, gateway, upstream):
+    r = await call("/openrouter/v1/chat/completions", "POST", json=chat("openai/gpt-4o-mini"), token=token("o@example.com"))
+    assert r.code == 200
+    assert HTTPHeaders(upstream.state.last["headers"])["Authorization"] == f"Bearer {OPERATOR_KEYS['openrouter']}"
+    assert float(r.headers["X-AIPipe-Cost"]) == pytest.approx(0.000123, abs=1e-12)
+    assert await spent(gateway, "o@example.com") == pytest.approx(0.000123, abs=1e-12)
+
+
+@pytest.mark.gen_test
+async def test_openrouter_without_cost_uses_model_list_prices(call, gateway, upstream):
+    upstream.state.openrouter_cost = None
+    upstream.state.prompt_tokens, upstream.state.completion_tokens = 1000, 2000
+    r = await call("/openrouter/v1/chat/completions", "POST", json=chat("anthropic/claude-sonnet-4"), token=token("o@example.com"))
+    assert r.code == 200
+    assert await spent(gateway, "o@example.com") == pytest.approx(1000 * 3e-6 + 2000 * 15e-6, abs=1e-12)
+
+
+@pytest.mark.gen_test
+async def test_openrouter_stream_with_comments_is_billed_from_last_chunk(call, gateway, upstream):
+    upstream.state.split = 11
+    upstream.state.crlf = True
+    r = await call("/openrouter/v1/chat/completions", "POST", json=chat("openai/gpt-4o-mini", stream=True),
+                   token=token("os@example.com"))
+    assert r.code == 200 and b": OPENROUTER PROCESSING" in r.body
+    assert sse_data(r.body)[-1]["usage"]["cost"] == 0.000123  # OpenRouter's own usage chunk reaches the client
+    assert await spent(gateway, "os@example.com") == pytest.approx(0.000123, abs=1e-12)
+
+
+@pytest.mark.gen_test
+async def test_openrouter_unknown_model_is_refused_and_refetches_are_rate_limited(call, gateway, upstream):
+    t = token("o@example.com")
+    for i in range(5):
+        r = await call("/openrouter/v1/chat/completions", "POST", json=chat(f"nobody/model-{i}"), token=t)
+        assert r.code == 400 and message(r) == f"Model nobody/model-{i} pricing unknown"
+    assert upstream.state.models_fetches == 1  # one fetch, not one per unknown model
+    assert not any(req["path"].endswith("/chat/completions") for req in upstream.state.requests)
+
+
+@pytest.mark.gen_test
+async def test_openrouter_routing_suffix_prices_like_base_model(call, gateway, upstream):
+    upstream.state.openrouter_cost = None
+    r = await call("/openrouter/v1/chat/completions", "POST", json=chat("openai/gpt-4o-mini:nitro"), token=token("n@example.com"))
+    assert r.code == 200
+    assert await spent(gateway, "n@example.com") == pytest.approx(12 * 0.15e-6 + 7 * 0.6e-6, abs=1e-12)
+
+
+@pytest.mark.gen_test
+async def test_openrouter_models_list_passes_through(call, gateway, upstream):
+    r = await call("/openrouter/v1/models", token=token("o@example.com"))
+    assert r.code == 200 and orjson.loads(r.body)["data"][0]["id"] == "openai/gpt-4o-mini"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_client_that_leaves_mid_stream_is_still_billed(gateway, upstream, http_server, http_port):
+    """The client reads the first event and hangs up; the gateway reads on to the usage and bills it."""
+    upstream.state.events, upstream.state.event_delay = 20, 0.05
+    body = orjson.dumps(chat(stream=True))
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", http_port))
+    await stream.write(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       + f"Authorization: Bearer {token('quit@example.com')}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                       + body)
+    first = await stream.read_until(b"\n\n")
+    assert b"200 OK" in first
+    stream.close()
+    for _ in range(100):  # bounded wait for the upstream stream to end (20 events x 50 ms)
+        await asyncio.sleep(0.05)
+        if (await gateway.store.ledger("quit@example.com")):
+            break
+    await settled(gateway)
+    rows = await gateway.store.ledger("quit@example.com")
+    assert len(rows) == 1 and rows[0]["aborted"] and rows[0]["streamed"]
+    assert rows[0]["cost"] == pytest.approx(12 * 0.15e-6 + 7 * 0.6e-6, abs=1e-12)
