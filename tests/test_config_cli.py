@@ -1,0 +1,114 @@
+"""Configuration and the command line, as an operator meets them."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from aipipe.config import ConfigError, build_config, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd, env=None, timeout=30):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("AIPIPE_SECRET", "ADMIN_EMAILS")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "aipipe", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_example_config_is_valid_and_budget_lookup_order():
+    config = load_config(os.path.join(REPO, "config.example.toml"), {"ADMIN_EMAILS": "x@y.z,  w@v.u"})
+    assert config.budget_for("blocked@example.com").limit == 0
+    assert config.budget_for("someone@example.com").limit == 1.0
+    assert config.budget_for("someone@else.org").limit == 0.1
+    assert config.admins == {"admin@example.com", "x@y.z", "w@v.u"}
+    assert build_config({}, {}).budget_for("a@b.c").limit == 0  # no rule at all -> zero limit
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"providers": {"anthropic": {"base_url": "https://x"}}}, "providers.anthropic"),
+    ({"budget": {"*": {"limit": -1, "days": 7}}}, 'budget."*".limit'),
+    ({"budget": {"*": {"limit": 1, "days": 0}}}, 'budget."*".days'),
+    ({"budget": {"*": {"limit": 1, "period": "year"}}}, 'budget."*".period'),
+    ({"server": {"prot": 1}}, "server.prot"),
+    ({"server": {"port": "eighty"}}, "server.port"),
+    ({"limits": {"hold_seconds": -5}}, "limits.hold_seconds"),
+    ({"providers": {"openai": {"base_url": "ftp://x"}}}, "providers.openai.base_url"),
+])
+def test_bad_config_names_the_key(data, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("*", r"\*")):
+        build_config(data, {})
+
+
+def test_serve_refuses_bad_config_with_a_message_naming_the_key(tmp_path):
+    (tmp_path / "bad.toml").write_text('[budget]\n"*" = { limit = -1, days = 7 }\n')
+    r = run("serve", "--config", "bad.toml", cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32})
+    assert r.returncode != 0 and 'budget."*".limit must not be negative' in r.stderr
+    (tmp_path / "broken.toml").write_text("[server\nport = 1")
+    r = run("serve", "--config", "broken.toml", cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32})
+    assert r.returncode != 0 and "not valid TOML" in r.stderr
+
+
+def test_short_secret_is_refused(tmp_path):
+    r = run("serve", cwd=tmp_path, env={"AIPIPE_SECRET": "short"})
+    assert r.returncode != 0 and "AIPIPE_SECRET is too short" in r.stderr
+
+
+def test_first_run_generates_a_secret_that_survives_restarts(tmp_path):
+    r = run("token", "me@example.com", cwd=tmp_path)
+    assert r.returncode == 0 and "generated a new AIPIPE_SECRET" in r.stderr
+    env_file = tmp_path / ".env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    first = r.stdout.strip()
+    r2 = run("token", "me@example.com", cwd=tmp_path)
+    assert r2.stdout.strip() == first and "generated" not in r2.stderr
+
+
+def test_cli_set_cost_usage_and_check_config(tmp_path):
+    env = {"AIPIPE_SECRET": "y" * 32}
+    assert run("migrate", cwd=tmp_path, env=env).returncode == 0
+    r = run("set-cost", "Pat@Example.com", "2026-01-02", "0.25", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "Cost for pat@example.com on 2026-01-02 set to 0.25" in r.stdout
+    r = run("usage", cwd=tmp_path, env=env)
+    assert '"cost": 0.25' in r.stdout and "pat@example.com" in r.stdout
+    r = run("check-config", "--config", os.path.join(REPO, "config.example.toml"), cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "is valid" in r.stdout
+    r = run("check-config", "--defaults", cwd=tmp_path, env=env)
+    assert "max_concurrent_per_user = 8" in r.stdout
+
+
+def test_serve_starts_serves_and_stops_on_sigterm(tmp_path):
+    import signal
+    import socket
+    import time
+    import urllib.request
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**{k: v for k, v in os.environ.items() if k != "AIPIPE_SECRET"}, "AIPIPE_SECRET": "z" * 32}
+    proc = subprocess.Popen([sys.executable, "-m", "aipipe", "serve", "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/nosuch/x", timeout=1):
+                    pass
+            except urllib.error.HTTPError as e:
+                assert e.code == 404
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("server did not start")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "shutting down" in out
+        assert (tmp_path / "aipipe.db").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
