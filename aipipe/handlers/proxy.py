@@ -48,8 +48,9 @@ class ProviderHandler(ApiHandler):
     """Relays one call to a provider and bills its usage."""
 
     async def prepare(self) -> None:
-        self.provider_name = self.path_args[0]
-        self.provider = PROVIDERS.get(self.provider_name)
+        self.provider = PROVIDERS.get(self.path_args[0])
+        # the route (/geminiv1beta) may differ from the provider's config, key and ledger name (gemini)
+        self.provider_name = self.provider.name if self.provider else self.path_args[0]
         if self.provider is None and self.request.method != "OPTIONS":
             raise ApiError(404, f"Unknown provider: {self.provider_name}")
 
@@ -215,7 +216,7 @@ class ProviderHandler(ApiHandler):
         body = bytes(self._json)
         if self.call.billable and 200 <= self.outcome.status < 300:
             try:
-                self.outcome.usage = read_usage(orjson.loads(body))
+                self.outcome.usage = self.provider.answer_usage(self.call, orjson.loads(body))
             except orjson.JSONDecodeError:
                 pass
             self.outcome.output_bytes = len(body)

@@ -9,7 +9,7 @@ from tornado.httputil import HTTPHeaders, parse_body_arguments
 
 from ..errors import ApiError
 from ..pricing import Price, cost_of
-from ..usage import Usage
+from ..usage import Usage, read_usage
 
 # Request headers a client may send to the provider; everything else (Cookie, Origin, Referer,
 # hop-by-hop headers, OpenAI-Organization/Project, the caller's own credentials) stays here.
@@ -135,6 +135,10 @@ class Provider:
     async def prepare(self, call: Call, gateway) -> None:
         """Validate, price and possibly rewrite call; raise ApiError to refuse it."""
         raise NotImplementedError
+
+    def answer_usage(self, call: Call, obj: Any) -> Usage | None:
+        """Usage from a parsed JSON answer (None when it reports none)."""
+        return read_usage(obj)
 
     def cost(self, call: Call, usage: Usage) -> float:
         """USD for usage reported by the provider."""
