@@ -64,27 +64,30 @@ class Ledger:
         return len(self._settles)
 
     async def _run(self) -> None:
-        while not (self._closing and not self._settles and not self._reserves):
+        while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._write_settles()
+            written = await self._write_settles()
             await self._write_reserves()
+            if self._closing and (not written or not self._settles):
+                return  # at shutdown, what the store will not take is spooled by close()
+            if not written:  # store down: admissions fail fast (503) while charges wait for a retry
+                asyncio.get_running_loop().call_later(self.retry_seconds, self._wake.set)
 
-    async def _write_settles(self) -> None:
+    async def _write_settles(self) -> bool:
+        """Write queued charges; False if the store refused them (they stay queued)."""
         while self._settles:
             batch, waiters = self._settles[:MAX_BATCH], self._settled_waiters[:MAX_BATCH]
             try:
                 await self.store.settle(batch)
             except Exception as e:  # keep the charges and try again: money is never dropped
                 log.error("could not write %d charges (%s); retrying in %.0fs", len(batch), e, self.retry_seconds)
-                if self._closing:
-                    return
-                await asyncio.sleep(self.retry_seconds)
-                continue
+                return False
             del self._settles[:len(batch)], self._settled_waiters[:len(batch)]
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
+        return True
 
     async def _write_reserves(self) -> None:
         while self._reserves:
