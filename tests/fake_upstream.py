@@ -13,6 +13,8 @@ import orjson
 import tornado.web
 from tornado.httputil import parse_body_arguments
 
+from .fake_gemini import gemini_routes
+
 OPERATOR_KEYS = {"openai": "sk-test-openai-operator", "openrouter": "sk-or-test-operator"}
 REPLY = "Hello from the fake — ünïcödé ✓ 你好"  # multi-byte characters on purpose
 
@@ -228,7 +230,7 @@ class EchoHandler(FakeHandler):
 
 def make_fake_app(state: FakeState) -> tornado.web.Application:
     """Routes for /v1/... of OpenAI and /api/v1/... of OpenRouter."""
-    routes = []
+    routes = gemini_routes(state)  # /v1beta/...; the OpenAI catch-all /.* must stay last
     for provider, prefix in (("openrouter", "/api"), ("openai", "")):  # longer prefix first
         deps = {"state": state, "provider": provider}
         routes += [
