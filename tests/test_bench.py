@@ -1,0 +1,47 @@
+"""The benchmark harness runs end to end: every arm answers, nothing fails, every gateway call is billed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .bench_procs import ROOT
+
+
+def run_bench(tmp_path, *args: str, timeout: float = 120) -> dict:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.bench", "--quick", "--json", str(out), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| case | arm |" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def rows_by_arm(result: dict, case: str) -> dict:
+    return {r["arm"]: r for r in result["cases"] if r["case"] == case}
+
+
+def test_quick_bench_serves_every_arm_without_errors_and_bills_every_gateway_call(tmp_path):
+    result = run_bench(tmp_path, "--scenarios", "1", "--concurrency", "32")
+    rows = rows_by_arm(result, "1 chat c=32")
+    assert set(rows) == {"direct", "passthrough", "gateway"}
+    for arm, row in rows.items():
+        assert row["errors"] == 0, arm
+        assert row["ok"] > 0 and row["rps"] > 0, arm
+    gateway = rows["gateway"]
+    assert gateway["billed"] >= gateway["ok"]  # requests cut off by the end of the run are billed too
+    assert gateway["rss"] > 0
+
+
+@pytest.mark.slow
+def test_quick_streams_and_held_streams_are_all_relayed_and_billed(tmp_path, request):
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("about 30 s: run with -m slow")
+    result = run_bench(tmp_path, "--scenarios", "2,3", "--concurrency", "8", timeout=300)
+    for arm, row in rows_by_arm(result, "2 stream50 c=8").items():
+        assert row["errors"] == 0 and row["ttfb_p50"] > 0, arm
+    held = rows_by_arm(result, "3 hold 200 streams")["gateway"]
+    assert held["ok"] == 200 and held["errors"] == 0 and not held["stalled"]
+    assert held["billed"] == 200
