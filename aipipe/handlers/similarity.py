@@ -1,0 +1,168 @@
+"""POST /similarity: embed docs (and topics) in one OpenAI call and answer their cosine similarities."""
+from __future__ import annotations
+
+import binascii
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.httputil import HTTPHeaders
+
+from ..errors import ApiError
+from ..gateway import Outcome
+from ..pricing import cost_of
+from ..providers.base import Call, require_price, set_hold
+from ..usage import Usage, read_usage
+from .base import ApiHandler
+from .proxy import KEY_REJECTED
+
+log = logging.getLogger("aipipe.similarity")
+DEFAULT_MODEL = "text-embedding-3-small"
+ITEMS = 'a non-empty list of strings or {type: "text", value} objects'
+
+
+@dataclass(frozen=True)
+class SimilarityRequest:
+    """A validated /similarity body."""
+
+    docs: list[str]
+    topics: list[str] | None
+    model: str
+    precision: int
+
+
+def _texts(name: str, value) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"{name} must be {ITEMS}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, dict) and "type" in item and item["type"] != "text":
+            raise ApiError(400, f'{name}[{i}] has type {item["type"]!r}: only "text" is supported')
+        text = item.get("value") if isinstance(item, dict) and item.get("type") == "text" else item
+        if not isinstance(text, str):
+            raise ApiError(400, f'{name}[{i}] must be a string or {{type: "text", value: string}}')
+        if not text:
+            raise ApiError(400, f"{name}[{i}] is empty")
+        out.append(text)
+    return out
+
+
+def parse_request(body: dict, max_items: int, max_chars: int) -> SimilarityRequest:
+    """Validate a /similarity body; 400 with a clear message for anything off."""
+    docs = _texts("docs", body.get("docs"))
+    topics = None if body.get("topics") is None else _texts("topics", body["topics"])
+    model = body.get("model", DEFAULT_MODEL)
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model must be the name of an embedding model")
+    precision = body.get("precision", 5)
+    if isinstance(precision, bool) or not isinstance(precision, int) or not 0 <= precision <= 10:
+        raise ApiError(400, "precision must be a whole number from 0 to 10")
+    texts = docs + (topics or [])
+    if len(texts) > max_items:
+        raise ApiError(400, f"Too many items: {len(texts)} docs and topics, at most {max_items}")
+    chars = sum(map(len, texts))
+    if chars > max_chars:
+        raise ApiError(400, f"Too much text: {chars} characters, at most {max_chars}")
+    return SimilarityRequest(docs, topics, model, precision)
+
+
+def decode_embeddings(data: list) -> np.ndarray:
+    """OpenAI's embeddings `data` (base64 float32 or float lists) as one float64 matrix, rows in input order."""
+    rows = sorted(data, key=lambda d: d["index"])
+    if rows and isinstance(rows[0]["embedding"], str):
+        raw = b"".join([binascii.a2b_base64(d["embedding"]) for d in rows])
+        return np.frombuffer(raw, dtype=np.float32).reshape(len(rows), -1).astype(np.float64)
+    return np.asarray([d["embedding"] for d in rows], dtype=np.float64)
+
+
+def cosine_similarity(docs: np.ndarray, topics: np.ndarray | None, precision: int) -> np.ndarray:
+    """docs x topics (or docs x docs) cosine similarities: normalise once, one matrix product, rounded."""
+    def unit(m: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(m, axis=1, keepdims=True)
+        return m / np.where(norms == 0, 1.0, norms)  # a zero vector is 0-similar to everything, not NaN
+    d = unit(docs)
+    t = d if topics is None else unit(topics)
+    return np.round(d @ t.T, precision)
+
+
+def measure_similarity(n_docs: int = 1000, n_topics: int = 1000, dims: int = 1536, precision: int = 5) -> float:
+    """Seconds the server spends on an embeddings answer of that size: decode, normalise, multiply, round, serialise."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n_docs + n_topics, dims)).astype(np.float32)
+    body = orjson.dumps({"data": [{"index": i, "embedding": binascii.b2a_base64(v.tobytes(), newline=False).decode()}
+                                  for i, v in enumerate(vectors)]})
+    started = time.perf_counter()
+    matrix = decode_embeddings(orjson.loads(body)["data"])
+    result = cosine_similarity(matrix[:n_docs], matrix[n_docs:], precision)
+    orjson.dumps({"similarity": result}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return time.perf_counter() - started
+
+
+class SimilarityHandler(ApiHandler):
+    """Embeds docs and topics in one upstream call, billed like any embeddings call."""
+
+    async def post(self) -> None:
+        started = time.perf_counter()
+        identity = self.gw.identify(self.request.headers)
+        config = self.gw.config
+        req = parse_request(self.json_body(), config.get("similarity.max_items"), config.get("similarity.max_chars"))
+        # base64 float32 is what OpenAI stores: a quarter of the bytes of JSON floats and far faster to read
+        payload = {"model": req.model, "input": req.docs + (req.topics or []), "encoding_format": "base64"}
+        call = Call(method="POST", path="/v1/embeddings", query="", body=orjson.dumps(payload),
+                    headers=HTTPHeaders({"Content-Type": "application/json"}))
+        price = require_price(call, self.gw.prices.lookup("openai", req.model), req.model)
+        set_hold(call, price, self.gw.default_hold)
+        key = identity.native_key or self.gw.provider_key("openai")
+        admission = None if identity.is_native else await self.gw.admit(identity.email, call.hold)
+        outcome = Outcome()
+        try:
+            answer = await self._embed(call, key, outcome, identity.is_native)
+        finally:
+            if admission is not None:
+                elapsed = (time.perf_counter() - started) * 1000
+                self.gw.settle(identity.email, admission, "openai", call, outcome, elapsed)
+        try:
+            matrix = decode_embeddings(answer["data"])
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(502, "openai answered embeddings in an unexpected shape") from None
+        n_docs = len(req.docs)
+        similarity = cosine_similarity(matrix[:n_docs], None if req.topics is None else matrix[n_docs:], req.precision)
+        tokens = outcome.usage.input_tokens
+        self.set_header("Content-Type", "application/json")
+        self.set_header("X-AIPipe-Cost", f"{outcome.cost:.10f}".rstrip("0").rstrip(".") or "0")
+        self.finish(orjson.dumps({"model": req.model, "similarity": similarity, "tokens": tokens,
+                                  "usage": {"prompt_tokens": tokens}}, option=orjson.OPT_SERIALIZE_NUMPY))
+
+    async def _embed(self, call: Call, key: str, outcome: Outcome, native: bool) -> dict:
+        """One POST to OpenAI's /v1/embeddings; fills outcome (status, usage, cost) for the ledger."""
+        timeout = self.gw.config.get("limits.upstream_timeout")
+        request = HTTPRequest(self.gw.config.providers["openai"].base_url + call.path, method="POST", body=call.body,
+                              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                              connect_timeout=min(30.0, timeout), request_timeout=timeout)
+        response = await self.gw.http.fetch(request, raise_error=False)
+        outcome.status = response.code
+        if response.code == 599:
+            text = str(response.error or "no answer")
+            if isinstance(response.error, HTTPClientError) and "timeout" in text.lower():
+                raise ApiError(504, "openai did not answer in time")
+            raise ApiError(502, f"Could not reach openai: {text}")
+        if response.code in (401, 403) and not native:
+            log.error("openai answered %d to the operator's key: check OPENAI_API_KEY", response.code)
+            raise ApiError(502, KEY_REJECTED)
+        try:
+            answer = orjson.loads(response.body or b"null")
+        except orjson.JSONDecodeError:
+            answer = None
+        if not 200 <= response.code < 300:
+            error = answer.get("error") if isinstance(answer, dict) else None
+            text = error.get("message") if isinstance(error, dict) else None
+            raise ApiError(response.code, text if isinstance(text, str) else f"openai answered {response.code}")
+        usage = read_usage(answer)
+        outcome.usage = usage or Usage(input_tokens=call.input_estimate, model=call.model)
+        outcome.cost = cost_of(call.price, usage) if usage else call.fallback_cost
+        if not isinstance(answer, dict):
+            raise ApiError(502, "openai answered embeddings in an unexpected shape")
+        return answer
