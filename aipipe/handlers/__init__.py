@@ -4,6 +4,7 @@ from __future__ import annotations
 from .admin import AdminHandler
 from .base import NotFoundHandler
 from .proxy import ProviderHandler
+from .similarity import SimilarityHandler
 from .usage import UsageHandler
 
 
@@ -13,6 +14,7 @@ def routes(gateway) -> list:
     return [
         (r"/usage/?", UsageHandler, deps),
         (r"/admin/([^/]*)/?", AdminHandler, deps),
+        (r"/similarity/?", SimilarityHandler, deps),
         (r"/([^/]+)/(.*)", ProviderHandler, deps),
         (r"/([^/]+)()", ProviderHandler, deps),
         (r".*", NotFoundHandler, deps),
