@@ -15,6 +15,7 @@ import tornado.web
 from .config import Config
 from .gateway import Gateway
 from .handlers import routes
+from .handlers.page_base import template_environment
 from .storage import StoreConfigError, mask_url, open_store
 
 log = logging.getLogger("aipipe")
@@ -31,7 +32,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 def make_app(gateway: Gateway, **settings) -> tornado.web.Application:
     """The Tornado application for a gateway; extra settings go to Application."""
-    return tornado.web.Application(routes(gateway), log_function=log_request, gateway=gateway, **settings)
+    return tornado.web.Application(routes(gateway), log_function=log_request, gateway=gateway,
+                                   jinja=template_environment(), **settings)
 
 
 def _install_fast_loop() -> None:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from .admin import AdminHandler
 from .base import NotFoundHandler
+from .pages import page_routes
 from .proxy import ProviderHandler
 from .similarity import SimilarityHandler
+from .token import token_routes
 from .usage import UsageHandler
 
 
@@ -14,6 +16,8 @@ def routes(gateway) -> list:
     return [
         (r"/usage/?", UsageHandler, deps),
         (r"/admin/([^/]*)/?", AdminHandler, deps),
+        *token_routes(gateway),
+        *page_routes(gateway),
         (r"/similarity/?", SimilarityHandler, deps),
         (r"/([^/]+)/(.*)", ProviderHandler, deps),
         (r"/([^/]+)()", ProviderHandler, deps),
