@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .admin import AdminHandler
 from .base import NotFoundHandler
+from .fetch_proxy import proxy_routes
 from .pages import page_routes
 from .proxy import ProviderHandler
 from .similarity import SimilarityHandler
@@ -19,6 +20,7 @@ def routes(gateway) -> list:
         *token_routes(gateway),
         *page_routes(gateway),
         (r"/similarity/?", SimilarityHandler, deps),
+        *proxy_routes(gateway),
         (r"/([^/]+)/(.*)", ProviderHandler, deps),
         (r"/([^/]+)()", ProviderHandler, deps),
         (r".*", NotFoundHandler, deps),
