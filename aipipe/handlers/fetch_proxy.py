@@ -138,6 +138,7 @@ class FetchProxyHandler(ApiHandler):
         return await self.client.get().fetch(request, raise_error=False)
 
     def _header_parser(self):
+        """A header_callback: follow redirects ourselves, relay anything else."""
         lines: list[str] = []
 
         def on_line(line: str) -> None:
@@ -155,7 +156,7 @@ class FetchProxyHandler(ApiHandler):
 
     def _start_relay(self, code: int, headers: HTTPHeaders) -> None:
         length = headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
+        if length.isdigit() and int(length) > self.max_bytes and self.request.method != "HEAD":
             self._stop(TooLarge())
         self.set_status(code)
         seen = set()
