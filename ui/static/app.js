@@ -46,23 +46,34 @@ export async function send(path, { token, method = "GET", body, signal } = {}) {
   if (response.ok) return response;
   let message = "";
   try {
-    message = (await response.json()).message || "";
+    const body = await response.json();
+    message = body.message || body.error?.message || ""; // AI Pipe's own errors, or a provider's passed through
   } catch {
     message = response.statusText;
   }
   throw new ApiProblem(response.status, message, response.headers.get("Retry-After"));
 }
 
-/** USD with enough decimals that a non-zero amount never reads $0.00. */
+/** USD to the millionth (more for tinier amounts), so a non-zero amount never reads $0.00. */
 export function usd(value) {
   const x = Number(value) || 0;
   if (x === 0) return "$0.00";
   const size = Math.abs(x);
-  const decimals = size >= 1 ? 2 : Math.min(12, Math.max(2, Math.ceil(-Math.log10(size)) + 2));
+  const decimals = size >= 100 ? 2 : Math.min(12, Math.max(6, Math.ceil(-Math.log10(size)) + 2));
   let text = size.toFixed(decimals);
   if (Number(text) === 0) text = size.toExponential(2);
-  else if (decimals > 2) text = text.replace(/0+$/, "").replace(/\.(\d)$/, (_, digit) => `.${digit}0`);
+  else {
+    const [whole, fraction] = text.split(".");
+    text = `${whole}.${fraction.replace(/0+$/, "").padEnd(2, "0")}`;
+  }
   return (x < 0 ? "-$" : "$") + text;
+}
+
+/** Show who is signed in (or nobody) in the page header. */
+export function showWho(email) {
+  document.getElementById("who").textContent = email || "";
+  document.getElementById("signin").classList.toggle("hidden", Boolean(email));
+  document.getElementById("signout").classList.toggle("hidden", !email);
 }
 
 /** The signed-in profile, or null after sending the visitor to /login (and back here afterwards). */
@@ -86,6 +97,7 @@ export function showError(error) {
   box.textContent = error instanceof ApiProblem ? error.message : `Something went wrong: ${error.message || error}`;
   if (error instanceof ApiProblem && error.status === 401) {
     clearProfile();
+    showWho(null);
     const link = document.createElement("a");
     link.href = `/login?redirect=${encodeURIComponent(location.href)}`;
     link.textContent = "Sign in again";

@@ -1,6 +1,6 @@
 // /login: sign in with Google (or a pasted token), then show the token or hand it to ?redirect=.
 import { clearProfile, getProfile, saveProfile } from "/aipipe.js";
-import { api, clearError, copyButton, showError, showMessage, usageLine } from "/static/app.js";
+import { api, clearError, copyButton, showError, showMessage, showWho, usageLine } from "/static/app.js";
 
 const $ = (id) => document.getElementById(id);
 const show = (id, on = true) => $(id)?.classList.toggle("hidden", !on);
@@ -24,6 +24,7 @@ function destination({ token, email }) {
 }
 
 async function showProfile({ token, email }) {
+  document.querySelector("h1").textContent = "Your AI Pipe token";
   $("profile-email").textContent = email;
   $("profile-token").value = token;
   show("profile-section");
@@ -36,6 +37,7 @@ async function showProfile({ token, email }) {
 
 function proceed(profile) {
   clearError();
+  showWho(profile.email);
   show("signin-section", false);
   if (!redirect) return showProfile(profile);
   if (consent !== "1") return location.replace(destination(profile));
@@ -85,6 +87,7 @@ $("paste-form").addEventListener("submit", async (event) => {
 });
 $("switch-account").addEventListener("click", () => {
   clearProfile();
+  showWho(null);
   window.google?.accounts?.id?.disableAutoSelect?.();
   startSignIn();
 });

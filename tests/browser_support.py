@@ -1,0 +1,149 @@
+"""Servers for the browser tests, run on a background thread's own event loop (Playwright's sync API owns the main one).
+
+The gateway (SQLite), the fake upstream, the fake Google certificate endpoint and a third-party app page each get a
+loopback port. The app page is the README's developer-guide snippet with only its base URL changed.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import orjson
+import tornado.httpserver
+import tornado.testing
+import tornado.web
+
+from aipipe.config import build_config
+from aipipe.gateway import Gateway
+from aipipe.server import make_app
+from aipipe.storage import open_store
+
+from .conftest import ENV, base_config
+from .fake_google import CLIENT_ID, make_certs_app
+from .fake_upstream import FakeState, make_fake_app
+
+# Verbatim from the original AI Pipe README's Developer Guide (https://github.com/sanand0/aipipe)
+README_SNIPPET = """<script type="module">
+  import { getProfile } from "https://aipipe.org/aipipe.js";
+
+  const { token, email } = getProfile();
+  if (!token) window.location = `https://aipipe.org/login?redirect=${window.location.href}`;
+
+  const response = await fetch("https://aipipe.org/openrouter/v1/chat/completions", {
+    method: "POST",
+    headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+    body: JSON.stringify({
+      model: "openai/gpt-4o-mini",
+      messages: [{ role: "user", content: "What is 2 + 2?" }],
+    }),
+  }).then((r) => r.json());
+  console.log(response);
+</script>
+"""
+
+
+def gis_stub(credential: str) -> str:
+    """JavaScript standing in for https://accounts.google.com/gsi/client: its button hands back `credential`."""
+    return """
+window.google = { accounts: { id: {
+  initialize(config) { this.config = config; },
+  renderButton(parent) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.id = "fake-google-signin";
+    button.textContent = "Sign in with Google";
+    button.addEventListener("click", () => this.config.callback({ credential: CREDENTIAL, select_by: "btn" }));
+    parent.append(button);
+  },
+  prompt() {},
+  disableAutoSelect() {},
+} } };
+""".replace("CREDENTIAL", orjson.dumps(credential).decode())
+
+
+class AppPage(tornado.web.RequestHandler):
+    """Any path: the README snippet (or a blank page at /blank.html), recording every URL asked for."""
+
+    def initialize(self, html: str, seen: list) -> None:
+        self.html, self.seen = html, seen
+
+    def get(self) -> None:
+        self.seen.append(self.request.uri)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish("<!doctype html><title>blank</title>" if self.request.path == "/blank.html" else self.html)
+
+
+class LiveServers:
+    """Start with `with LiveServers(tmp_dir) as live:`; `live.run(coro)` runs a coroutine on the servers' loop."""
+
+    def __init__(self, tmp_dir: str):
+        self.tmp_dir = tmp_dir
+        self.fake = FakeState()
+        self.google = {"fetches": 0}
+        self.app_requests: list[str] = []
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._servers: list = []
+
+    def _listen(self, app) -> int:
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets([sock])
+        self._servers.append(server)
+        return port
+
+    async def _start(self) -> None:
+        upstream = f"http://127.0.0.1:{self._listen(make_fake_app(self.fake))}"
+        self.google["url"] = f"http://127.0.0.1:{self._listen(make_certs_app(self.google))}/oauth2/v1/certs"
+        data = base_config(upstream, f"sqlite:///{self.tmp_dir}/aipipe.db")
+        data["auth"] = {**data["auth"], "google_client_id": CLIENT_ID, "google_certs_url": self.google["url"],
+                        "redirect_origins": ["http://localhost:*"]}
+        config = build_config(data, ENV)
+        self.store = await open_store(config.get("storage.url"))
+        self.gateway = Gateway(config, self.store)
+        await self.gateway.start()
+        gw_port = self._listen(make_app(self.gateway))
+        self.url = f"http://127.0.0.1:{gw_port}"
+        html = README_SNIPPET.replace("https://aipipe.org", self.url)
+        app_port = self._listen(tornado.web.Application([(r"/.*", AppPage, {"html": html, "seen": self.app_requests})]))
+        self.app_port = app_port
+
+    async def _stop(self) -> None:
+        for server in self._servers:
+            server.stop()
+        await self.gateway.close()
+        await self.store.close()
+
+    def _thread(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._start())
+        except BaseException as e:  # surfaced by __enter__
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self._stop())
+        self.loop.close()
+
+    def __enter__(self) -> "LiveServers":
+        self._worker = threading.Thread(target=self._thread, name="live-servers", daemon=True)
+        self._worker.start()
+        self._ready.wait(30)
+        if self._error:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._worker.join(30)
+
+    def run(self, coro, timeout: float = 10):
+        """Run a coroutine on the servers' loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def app_url(self, host: str, path: str) -> str:
+        """A URL of the third-party app, on 127.0.0.1 (needs consent) or localhost (allow-listed)."""
+        return f"http://{host}:{self.app_port}{path}"

@@ -1,0 +1,282 @@
+"""End to end in a real headless Chromium: app hand-off, playground streaming, dashboard, admin, error messages."""
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+import jwt
+import pytest
+
+from .browser_support import LiveServers, gis_stub
+from .conftest import SECRET, token
+from .fake_google import credential
+from .fake_upstream import REPLY
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+# What the fake upstream streams: REPLY cut into 5 interleaved pieces, sent in order
+STREAMED = "".join(REPLY[i::5] for i in range(5))
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)", allow_module_level=True)
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    with LiveServers(str(tmp_path_factory.mktemp("browser"))) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def open_page(browser, request):
+    """open_page(email) -> a page in a fresh profile whose Google button signs in as email; screenshots on failure."""
+    pages = []
+
+    def open_as(email: str = "user@example.com"):
+        context = browser.new_context()
+        context.set_default_timeout(10_000)
+        # Nothing but loopback may be reached; Google's script is replaced by a stub that signs in as `email`
+        context.route(re.compile(r"^https?://(?!(127\.0\.0\.1|localhost)[:/]).*"), lambda route: route.abort())
+        context.route("https://accounts.google.com/gsi/client",
+                      lambda route: route.fulfill(content_type="text/javascript", body=gis_stub(credential(email))))
+        page = context.new_page()
+        page.errors = []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        pages.append(page)
+        return page
+
+    failed_before = request.session.testsfailed
+    yield open_as
+    if request.session.testsfailed > failed_before:
+        OUTPUT.mkdir(exist_ok=True)
+        for i, page in enumerate(pages):
+            page.screenshot(path=str(OUTPUT / f"{request.node.name}-{i}.png"), full_page=True)
+    for page in pages:
+        page.context.close()
+
+
+def signed_in(page, live, email: str, tok: str | None = None) -> None:
+    """Store a token for email in the gateway origin's localStorage, as /login would."""
+    page.goto(live.url + "/static/app.css")
+    page.evaluate("([t, e]) => localStorage.setItem('aipipe', JSON.stringify({token: t, email: e}))",
+                  [tok or token(email), email])
+
+
+def logged_replies(page) -> list:
+    """Watch the page's console for the README snippet's console.log(response) of a chat completion."""
+    replies = []
+
+    def on_console(message):
+        if message.args:
+            value = message.args[0].json_value()
+            if isinstance(value, dict) and "choices" in value:
+                replies.append(value)
+    page.on("console", on_console)
+    return replies
+
+
+def wait_for(page, predicate, timeout: float = 10.0):
+    """Poll predicate while letting Playwright deliver the page's events."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError("timed out waiting")
+
+
+def spent(live, email: str) -> float:
+    rows = live.run(live.store.daily_usage(email, datetime.now(timezone.utc).date()))
+    return sum(cost for _, cost in rows)
+
+
+def test_app_on_another_origin_gets_token_only_after_consent_and_its_call_is_billed(live, open_page):
+    page = open_page("ada@example.com")
+    replies = logged_replies(page)
+    app = live.app_url("127.0.0.1", "/game/index.html?level=3&lang=en#board")
+    page.goto(app)
+    page.wait_for_url(live.url + "/login?redirect=**")
+    page.click("#fake-google-signin")
+    expect(page.locator("#consent-origin")).to_have_text(f"http://127.0.0.1:{live.app_port}")
+    expect(page.locator("#consent-origin")).to_be_visible()
+    assert not any("aipipe_token" in uri for uri in live.app_requests)  # nothing handed over yet
+    page.click("#consent-allow")
+    expect(page).to_have_url(app)  # back on the app; its own query and fragment kept, ours removed
+    assert any("aipipe_token=" in uri and "level=3&lang=en" in uri for uri in live.app_requests)
+    wait_for(page, lambda: replies)
+    assert replies[0]["choices"][0]["message"]["content"] == REPLY
+    profile = page.evaluate("JSON.parse(localStorage.getItem('aipipe'))")
+    assert profile["email"] == "ada@example.com"
+    assert jwt.decode(profile["token"], SECRET, algorithms=["HS256"])["email"] == "ada@example.com"
+
+    wait_for(page, lambda: spent(live, "ada@example.com") > 0)
+    page.goto(live.url + "/dashboard")
+    expect(page.locator("#spent")).to_have_text("$0.000123")  # the fake OpenRouter's usage.cost for that call
+    expect(page.locator("#limit")).to_have_text("$1.00")
+    expect(page.locator("#left")).to_have_text("$0.999877")
+    row = page.locator("#models tbody tr")
+    expect(row).to_have_count(1)
+    expect(row.locator("td")).to_have_text(["openrouter", "openai/gpt-4o-mini", "1", "12", "7", "$0.000123"])
+    today = datetime.now(timezone.utc).date().isoformat()
+    expect(page.locator(f'#chart rect[data-date="{today}"] title')).to_have_text(f"{today}: $0.000123")
+    expect(page.locator("#chart rect.bar")).to_have_count(7)
+    expect(page.locator("#token")).to_have_value(profile["token"])
+    assert page.errors == []
+
+
+def test_allow_listed_app_gets_token_at_once_and_keeps_it(live, open_page):
+    page = open_page("bob@example.com")
+    replies = logged_replies(page)
+    app = live.app_url("localhost", "/?x=1")
+    page.goto(app)
+    page.wait_for_url(live.url + "/login?redirect=**")
+    page.click("#fake-google-signin")
+    expect(page).to_have_url(app)  # no consent screen for http://localhost:*
+    wait_for(page, lambda: replies)
+    visits = len(live.app_requests)
+    page.reload()  # the stored token is used: no trip to /login
+    wait_for(page, lambda: len(replies) == 2)
+    expect(page).to_have_url(app)
+    assert len(live.app_requests) == visits + 1
+
+
+def test_login_shows_token_and_usage_and_a_refused_site_gets_nothing(live, open_page):
+    page = open_page("carol@example.com")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live.url)
+    page.goto(live.url + "/login?redirect=" + quote("https://evil.example.com/steal", safe=""))
+    page.click("#fake-google-signin")
+    expect(page.locator("#consent-origin")).to_have_text("https://evil.example.com")
+    page.click("#consent-deny")
+    expect(page.locator("#profile-email")).to_have_text("carol@example.com")
+    assert page.url.startswith(live.url + "/login")
+    expect(page.locator("#profile-usage")).to_have_text("Used $0.00 of $1.00 in 7 days; $1.00 left.")
+    expect(page.locator("#who")).to_have_text("carol@example.com")
+    page.click("#copy-token")
+    expect(page.locator("#copy-token")).to_have_text("Copied")
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert copied == page.locator("#profile-token").input_value()
+    assert jwt.decode(copied, SECRET, algorithms=["HS256"])["email"] == "carol@example.com"
+
+
+def test_get_profile_reads_the_url_once_and_then_remembers(live, open_page):
+    page = open_page()
+    page.goto(live.app_url("localhost", "/blank.html"))
+    module = live.url + "/aipipe.js"
+    profile = "async (url) => (await import(url)).getProfile()"
+    assert page.evaluate(profile, module) == {"token": None, "email": None}
+    page.goto(live.app_url("localhost", "/blank.html?a=1&aipipe_token=tok.en&b=x%20y&aipipe_email=e%40x.com#h"))
+    assert page.evaluate(profile, module) == {"token": "tok.en", "email": "e@x.com"}
+    assert page.url == live.app_url("localhost", "/blank.html?a=1&b=x%20y#h")
+    page.goto(live.app_url("localhost", "/blank.html"))
+    assert page.evaluate(profile, module) == {"token": "tok.en", "email": "e@x.com"}
+
+
+def test_playground_sends_signed_out_visitor_to_login_and_streams_the_answer(live, open_page):
+    page = open_page("player@example.com")
+    page.goto(live.url + "/playground?from=test")
+    page.wait_for_url(live.url + "/login?redirect=**")
+    page.click("#fake-google-signin")
+    expect(page).to_have_url(live.url + "/playground?from=test")  # same origin: no consent
+    expect(page.locator("#model")).to_have_value("openai/gpt-4o-mini")
+    expect(page.locator("#model option")).to_have_count(3)
+    page.fill("#prompt", "Say hello")
+    page.evaluate("""() => {
+        window.snapshots = [];
+        new MutationObserver(() => snapshots.push(document.getElementById('answer').textContent))
+            .observe(document.getElementById('answer'), {childList: true, characterData: true, subtree: true});
+    }""")
+    live.fake.event_delay = 0.1
+    try:
+        page.click("#send")
+        expect(page.locator("#answer")).to_have_text(STREAMED)
+    finally:
+        live.fake.event_delay = 0.0
+    snapshots = [s for s in page.evaluate("snapshots") if s]
+    assert len(snapshots) >= 4 and snapshots[0] == REPLY[0::5] and snapshots[-1] == STREAMED  # arrived piece by piece
+    expect(page.locator("#cost")).to_have_text("This request cost $0.000123.")
+    expect(page.locator("#usage")).to_have_text("Used $0.000123 of $1.00 in 7 days; $0.999877 left.")
+    assert live.fake.requests[-1]["path"] == "/api/v1/chat/completions"
+    assert page.errors == []
+
+
+def test_admin_sets_a_cost_and_the_table_shows_it(live, open_page):
+    page = open_page("admin@example.com")
+    page.goto(live.url + "/admin")
+    page.wait_for_url(live.url + "/login?redirect=**")
+    page.click("#fake-google-signin")
+    expect(page).to_have_url(live.url + "/admin")
+    expect(page.locator("#admin")).to_be_visible()
+    today = datetime.now(timezone.utc).date().isoformat()
+    expect(page.locator("#cost-date")).to_have_value(today)
+    page.fill("#cost-email", "grader@example.com")
+    page.fill("#cost-value", "0.42")
+    page.click("#cost-form button[type=submit]")
+    expect(page.locator("#cost-result")).to_have_text(f"Cost for grader@example.com on {today} set to 0.42")
+    page.fill("#filter", "grader")
+    expect(page.locator("#usage-table tbody tr td")).to_have_text(["grader@example.com", today, "$0.42"])
+    page.fill("#filter", "")
+    page.click("button[data-sort=cost]")
+    costs = page.locator("#usage-table tbody td.num").all_text_contents()
+    assert len(costs) >= 2 and [float(c[1:]) for c in costs] == sorted(float(c[1:]) for c in costs)
+    page.fill("#token-email", "Student@Example.com")
+    page.click("#token-form button[type=submit]")
+    minted = page.locator("#minted-token")
+    expect(minted).to_be_visible()
+    assert jwt.decode(minted.input_value(), SECRET, algorithms=["HS256"])["email"] == "student@example.com"
+
+
+def test_non_admin_sees_403_on_the_admin_page(live, open_page):
+    page = open_page()
+    signed_in(page, live, "nobody@example.com")
+    page.goto(live.url + "/admin")
+    expect(page.locator("#alert")).to_have_text("403 Forbidden: Admin access required.")
+    expect(page.locator("#admin")).to_be_hidden()
+
+
+def test_errors_read_as_sentences(live, open_page):
+    page = open_page()
+    signed_in(page, live, "late@example.com", token("late@example.com", expires_in=-60))
+    page.goto(live.url + "/dashboard")
+    expect(page.locator("#alert")).to_contain_text("Your sign-in has expired")
+    expect(page.locator("#alert a")).to_have_text("Sign in again")
+
+    signed_in(page, live, "blocked@example.com")  # a zero budget refuses even the model list
+    page.goto(live.url + "/playground")
+    expect(page.locator("#alert")).to_contain_text("Limit reached: Usage $0")
+
+    signed_in(page, live, "poor@example.com")  # $0.0001 a day: the first call goes through, the second is refused
+    page.goto(live.url + "/playground")
+    expect(page.locator("#model")).to_have_value("openai/gpt-4o-mini")
+    page.fill("#prompt", "hi")
+    page.click("#send")
+    expect(page.locator("#cost")).to_have_text("This request cost $0.000123.")
+    page.click("#send")
+    expect(page.locator("#alert")).to_contain_text("Limit reached: Usage $0.000123")
+
+    signed_in(page, live, "unlucky@example.com")
+    page.goto(live.url + "/playground")
+    expect(page.locator("#model")).to_have_value("openai/gpt-4o-mini")
+    page.fill("#prompt", "hi")
+    live.fake.status = 503
+    try:
+        page.click("#send")
+        expect(page.locator("#alert")).to_contain_text("The model provider or AI Pipe's store is not answering right now")
+    finally:
+        live.fake.status = 200
+    expect(page.locator("#alert")).to_contain_text("The server had an error while processing your request")
