@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -63,6 +64,9 @@ class Bench:
             self.servers["passthrough"] = Server(port, proc)
         if "gateway" in arms:
             self.servers["gateway"] = self._gateway("gateway", self.server_cpus, 1)
+        if "gateway-alt" in arms:
+            gw = Gateway(self.work, self.fake_port, self.server_cpus, 1, "gateway-alt", self.args.alt_tree)
+            self.servers["gateway-alt"] = Server(gw.port, gw.proc, gw, "/openai/v1/chat/completions")
         if "litellm" in arms:
             from .bench_litellm import LiteLLM
             lite = LiteLLM(self.work, self.fake_port, self.server_cpus)
@@ -77,7 +81,8 @@ class Bench:
         urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).read()
 
     # -- one measurement ---------------------------------------------------------------------------
-    def measure(self, case: str, arm: str, kind: str, concurrency: int, duration: float, **kw) -> dict:
+    def measure(self, case: str, arm: str, kind: str, concurrency: int, duration: float, path: str | None = None,
+                body: bytes | None = None, **kw) -> dict:
         server = self.servers[arm.split("#")[0]]
         toks = [LITELLM_KEY] if arm == "litellm" else self.tokens
         before = server.gateway.settled() if server.gateway else None
@@ -86,8 +91,8 @@ class Bench:
         if kind == "json" and load.have_wrk() and not self.args.asyncio_only:
             r = load.run_wrk(server.port, server.path, CHAT, toks, concurrency, duration, self.work)
         else:
-            body = CHAT if kind == "json" else STREAM
-            r = load.run_load(server.port, server.path, body, toks, concurrency, duration, **kw)
+            body = body or (CHAT if kind == "json" else STREAM)
+            r = load.run_load(server.port, path or server.path, body, toks, concurrency, duration, **kw)
         r["rss"] = peak_rss_mb(server.proc) if server.proc is not None else float("nan")
         if server.gateway:
             after = server.gateway.settled()
@@ -114,7 +119,8 @@ class Bench:
     # -- scenarios -----------------------------------------------------------------------------------
     def run(self) -> dict:
         a = self.args
-        arms = ["direct", "passthrough", "gateway"] + (["litellm"] if a.vs == "litellm" else [])
+        arms = ["direct", "passthrough", "gateway"] + (["gateway-alt"] if a.alt_tree else []) + (
+            ["litellm"] if a.vs == "litellm" else [])
         self.start_arms(arms)
         self.warm(arms)
         levels = a.concurrency or [1, 32]
@@ -151,8 +157,16 @@ class Bench:
         if not os.path.exists(os.path.join(ROOT, "aipipe", "handlers", "similarity.py")):
             self.notes.append("4 similarity: skipped, aipipe/handlers/similarity.py does not exist yet")
             return
-        # HOOK: the fake upstream needs /v1/embeddings and this needs the route's request shape.
-        self.notes.append("4 similarity: handler exists but the benchmark case is not written yet (see bench.similarity)")
+        n = 100 if self.args.quick else 1000
+        docs, topics = [f"document number {i} about bench" for i in range(n)], [f"topic {i}" for i in range(n)]
+        embed = json.dumps({"model": "text-embedding-3-small", "input": docs + topics, "encoding_format": "base64"})
+        similarity = json.dumps({"docs": docs, "topics": topics})
+        self.configure_upstream(50, 0.0)
+        case = f"4 similarity {n}x{n}"
+        for _ in range(self.args.rounds):
+            # direct: the embeddings call alone (what /similarity makes upstream); gateway: the whole /similarity
+            self.measure(case, "direct", "similarity", 1, self.args.duration, "/v1/embeddings", embed.encode())
+            self.measure(case, "gateway", "similarity", 1, self.args.duration, "/similarity", similarity.encode())
 
     def scaling(self, concurrency: int) -> None:
         """Scenario 5: `--processes 1` vs `--processes 2`, both free to use both cores."""
@@ -175,6 +189,7 @@ def parse_args(argv=None):
     p.add_argument("--streams", type=int, default=1000, help="streams held open in scenario 3")
     p.add_argument("--event-interval", type=float, default=0.0, help="seconds between events in scenario 2")
     p.add_argument("--asyncio-only", action="store_true", help="use the asyncio client even where wrk would do")
+    p.add_argument("--alt-tree", metavar="DIR", help="A/B: also run a gateway importing aipipe from DIR (an edited copy)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, SQLite files)")
     p.add_argument("--json", metavar="OUT", help="write every sample and the medians here")
     args = p.parse_args(argv)
@@ -188,6 +203,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below kills the children
     try:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -140,7 +140,8 @@ def tokens() -> list[str]:
 class Gateway:
     """`python -m aipipe serve` with SQLite in workdir, pointed at the fake upstream."""
 
-    def __init__(self, workdir: str, upstream_port: int, cpus: str | None, processes: int = 1, name: str = "gateway"):
+    def __init__(self, workdir: str, upstream_port: int, cpus: str | None, processes: int = 1, name: str = "gateway",
+                 pythonpath: str | None = None):
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.db = os.path.join(self.dir, "aipipe.db")
@@ -152,6 +153,8 @@ class Gateway:
                     f'[limits]\nmax_concurrent_per_user = 2000\n'
                     f'[providers.openai]\nbase_url = "http://127.0.0.1:{upstream_port}"\n')
         env = {**os.environ, "AIPIPE_SECRET": SECRET, "OPENAI_API_KEY": OPERATOR_KEY}
+        if pythonpath:  # an edited copy of the package, for A/B runs (see --alt-tree)
+            env["PYTHONPATH"] = pythonpath
         self.log = os.path.join(self.dir, "server.log")
         self.proc = spawn([sys.executable, "-m", "aipipe", "serve", "--config", config, "--env-file",
                            os.path.join(self.dir, "none.env"), "--port", str(self.port), "--processes", str(processes)],

@@ -3,7 +3,8 @@
 `python -m tests.bench_upstream --port P`. POST .../chat/completions answers JSON with usage, or,
 with "stream": true, server-sent events (chunked), with "usage": null on every chunk and a final
 usage-only chunk when the request asked for stream_options.include_usage, as OpenAI does.
-POST /_bench/config?events=N&interval=S sets how many content events a stream has and the seconds
+POST .../embeddings answers base64 float32 vectors (Settings.dims wide) with usage.
+POST /_bench/config?events=N&interval=S&dims=D sets how many content events a stream has and the seconds
 between them (0 = all at once), so every arm of a scenario sees the same upstream.
 The tests' fake (tests/fake_upstream.py) is for correctness; this one only has to be cheap.
 """
@@ -11,7 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import functools
+import json
+import random
 import socket
+import struct
 from urllib.parse import parse_qs
 
 PROMPT_TOKENS, COMPLETION_TOKENS = 12, 7
@@ -42,6 +48,24 @@ def usage_event(completion_tokens: int) -> bytes:
 class Settings:
     events = 50
     interval = 0.0
+    dims = 1536
+
+
+@functools.lru_cache(maxsize=4)
+def vector_pool(dims: int) -> list[bytes]:
+    rng = random.Random(dims)
+    return [base64.b64encode(struct.pack(f"<{dims}f", *(rng.uniform(-1, 1) for _ in range(dims)))) for _ in range(16)]
+
+
+def embeddings_answer(body: bytes) -> bytes:
+    """OpenAI's /v1/embeddings answer in base64 float32, one row per input, from a small pool of vectors."""
+    inputs = json.loads(body).get("input") or [""]
+    n = len(inputs) if isinstance(inputs, list) else 1
+    pool = vector_pool(Settings.dims)
+    rows = b",".join(b'{"object":"embedding","index":%d,"embedding":"%s"}' % (i, pool[i % 16]) for i in range(n))
+    answer = (b'{"object":"list","data":[%s],"model":"text-embedding-3-small","usage":{"prompt_tokens":%d,'
+              b'"total_tokens":%d}}' % (rows, 4 * n, 4 * n))
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer
 
 
 class FakeOpenAI(asyncio.Protocol):
@@ -84,7 +108,10 @@ class FakeOpenAI(asyncio.Protocol):
             q = parse_qs(query)
             Settings.events = int(q.get("events", [Settings.events])[0])
             Settings.interval = float(q.get("interval", [Settings.interval])[0])
+            Settings.dims = int(q.get("dims", [Settings.dims])[0])
             self.transport.write(EMPTY % (204, b"No Content"))
+        elif path.endswith("/embeddings"):
+            self.transport.write(embeddings_answer(body))
         elif not path.endswith("/chat/completions"):
             self.transport.write(EMPTY % (404, b"Not Found"))
         elif b'"stream":true' in body.replace(b" ", b""):
