@@ -70,12 +70,21 @@ def _openai_usage(u: dict, model: str) -> Usage:
     )
 
 
+def _modality_tokens(details, modality: str) -> int:
+    """Tokens of one modality in Gemini's [{modality, tokenCount}] lists."""
+    if not isinstance(details, list):
+        return 0
+    return sum(_int(d, "tokenCount") for d in details if isinstance(d, dict) and d.get("modality") == modality)
+
+
 def _gemini_usage(meta: dict, model: str) -> Usage:
     # thoughtsTokenCount is billed as output but not counted in candidatesTokenCount
     return Usage(
         input_tokens=_int(meta, "promptTokenCount"),
         output_tokens=_int(meta, "candidatesTokenCount") + _int(meta, "thoughtsTokenCount"),
         cached_tokens=_int(meta, "cachedContentTokenCount"),
+        audio_input_tokens=_modality_tokens(meta.get("promptTokensDetails"), "AUDIO"),
+        audio_output_tokens=_modality_tokens(meta.get("candidatesTokensDetails"), "AUDIO"),
         reasoning_tokens=_int(meta, "thoughtsTokenCount"),
         model=model,
     )

@@ -18,8 +18,12 @@ GEMINI_REPLY = "Gemini fake says hi — ünïcödé ✓ こんにちは"
 
 
 def google_error(code: int, status: str, message: str) -> bytes:
-    """Google's error envelope."""
-    return orjson.dumps({"error": {"code": code, "message": message, "status": status}})
+    """Google's error envelope (a refused key carries reason API_KEY_INVALID in its details)."""
+    error = {"code": code, "message": message, "status": status}
+    if message.startswith("API key not valid"):
+        error["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                             "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}]
+    return orjson.dumps({"error": error})
 
 
 class GeminiHandler(tornado.web.RequestHandler):

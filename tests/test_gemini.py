@@ -220,3 +220,28 @@ async def test_server_without_gemini_key_says_so(make_gateway, serve, call, upst
     r = await call(url + gen(), "POST", json=PROMPT, token=token("nokey@example.com"))
     assert r.code == 503 and message(r) == "gemini is not configured on this server"
     assert upstream.state.requests == []
+
+
+@pytest.mark.gen_test
+async def test_refused_operator_key_is_502_without_googles_text(make_gateway, serve, call, upstream, caplog):
+    url = serve(await make_gateway(env={"GEMINI_API_KEY": "AIza-revoked-operator-key"}))
+    r = await call(url + gen(), "POST", json=PROMPT, token=token("k@example.com"))
+    assert r.code == 502 and message(r) == "provider credentials misconfigured"
+    assert b"API key not valid" not in r.body
+    assert any("GEMINI_API_KEY" in rec.getMessage() for rec in caplog.records)
+    r = await call(url + gen(), "POST", json=PROMPT, headers={"x-goog-api-key": "AIza-users-own-bad-key"})
+    assert r.code == 400 and b"API key not valid" in r.body  # a user's own key: Google's answer is theirs to see
+
+
+@pytest.mark.gen_test
+async def test_audio_prompt_tokens_use_the_audio_price(call, gateway, upstream):
+    from aipipe.pricing import PriceTable, cost_of
+    from aipipe.usage import read_usage
+    meta = {"usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 10,
+                              "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 400},
+                                                      {"modality": "AUDIO", "tokenCount": 600}]}}
+    usage = read_usage(meta)
+    assert usage.audio_input_tokens == 600
+    flash = PriceTable.shipped().lookup("gemini", "gemini-2.5-flash")
+    assert cost_of(flash, usage) == pytest.approx(400 * FLASH_IN + 600 * flash.audio_input / 1e6 + 10 * FLASH_OUT, abs=1e-12)
+    assert flash.audio_input / 1e6 > FLASH_IN

@@ -131,8 +131,7 @@ class ProviderHandler(ApiHandler):
         self.outcome.status = status
         if status in (401, 403) and not self.native:
             self._mode = "reject"
-            log.error("%s answered %d to the operator's key: check %s", self.provider_name, status,
-                      self.provider_name.upper() + "_API_KEY")
+            self._log_key_rejected()
             return
         ctype = headers.get("Content-Type", "").lower()
         self._mode = "sse" if "text/event-stream" in ctype else "json" if "json" in ctype else "raw"
@@ -153,6 +152,10 @@ class ProviderHandler(ApiHandler):
             self._set_overhead()
             # headers now, so clients see the stream open before the first event
             self.flush().add_done_callback(lambda f: f.exception())
+
+    def _log_key_rejected(self) -> None:
+        log.error("%s answered %d to the operator's key: check %s", self.provider_name, self.outcome.status,
+                  self.provider_name.upper() + "_API_KEY")
 
     def _set_overhead(self) -> None:
         added = (self._sent_at - self.started) + (time.perf_counter() - self._received_at)
@@ -214,6 +217,9 @@ class ProviderHandler(ApiHandler):
 
     def _finish_json(self) -> None:
         body = bytes(self._json)
+        if not self.native and self.provider.rejects_operator_key(self.outcome.status, body):
+            self._log_key_rejected()
+            raise ApiError(502, KEY_REJECTED)
         if self.call.billable and 200 <= self.outcome.status < 300:
             try:
                 self.outcome.usage = self.provider.answer_usage(self.call, orjson.loads(body))

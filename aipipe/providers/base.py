@@ -136,6 +136,10 @@ class Provider:
         """Validate, price and possibly rewrite call; raise ApiError to refuse it."""
         raise NotImplementedError
 
+    def rejects_operator_key(self, status: int, body: bytes) -> bool:
+        """Whether an error answer means the operator's key itself was refused (beyond 401/403)."""
+        return False
+
     def answer_usage(self, call: Call, obj: Any) -> Usage | None:
         """Usage from a parsed JSON answer (None when it reports none)."""
         return read_usage(obj)

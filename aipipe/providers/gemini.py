@@ -60,6 +60,10 @@ class Gemini(Provider):
         """Gemini takes its key in x-goog-api-key, never Authorization."""
         return {"x-goog-api-key": key}
 
+    def rejects_operator_key(self, status: int, body: bytes) -> bool:
+        """Google refuses a bad key with 400 API_KEY_INVALID rather than 401."""
+        return status == 400 and b"API_KEY_INVALID" in body
+
     async def prepare(self, call: Call, gateway) -> None:
         """Price by the path's model; refuse unknown models and methods before anything goes upstream."""
         match = MODEL_ACTION.match(call.path)
