@@ -188,6 +188,14 @@ async def test_pages_render_with_csp(call, path, marker):
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/", "/login", "/login?redirect=javascript:x", "/dashboard"])
+async def test_head_requests_answer_without_a_body(call, path):
+    response = await call(path, "HEAD")
+    assert response.code in (200, 400) and response.body == b""
+    assert "Content-Security-Policy" in response.headers
+
+
+@pytest.mark.gen_test
 async def test_aipipe_js_is_importable_cross_origin(call):
     response = await call("/aipipe.js", headers={"Origin": "https://app.example.com"})
     assert response.code == 200

@@ -66,7 +66,8 @@ class PageHandler(tornado.web.RequestHandler):
     def get(self, *args: Any) -> None:
         self.render_template(self.template)
 
-    head = get
+    def head(self, *args: Any) -> None:
+        self.get(*args)  # whatever get a subclass defines
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Errors on pages are pages, with the same safe message an API error would carry."""
