@@ -42,6 +42,19 @@ class ApiHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps(obj))
 
+    def copy_upstream_headers(self, headers, drop: frozenset[str]) -> None:
+        """Relay an upstream answer's headers, minus `drop` (lower-case names) and its own CORS headers."""
+        seen = set()
+        for name, value in headers.get_all():
+            lower = name.lower()
+            if lower in drop or lower.startswith("access-control-"):
+                continue
+            if lower in seen:
+                self.add_header(name, value)
+            else:
+                seen.add(lower)
+                self.set_header(name, value)  # replaces Tornado's defaults (Content-Type, Server, Date)
+
     def json_body(self) -> dict:
         """The request body as a JSON object; 400 otherwise."""
         try:

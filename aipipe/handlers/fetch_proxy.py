@@ -159,16 +159,7 @@ class FetchProxyHandler(ApiHandler):
         if length.isdigit() and int(length) > self.max_bytes and self.request.method != "HEAD":
             self._stop(TooLarge())
         self.set_status(code)
-        seen = set()
-        for name, value in headers.get_all():
-            lower = name.lower()
-            if lower in DROP_RESPONSE or lower.startswith("access-control-"):
-                continue
-            if lower in seen:
-                self.add_header(name, value)
-            else:
-                seen.add(lower)
-                self.set_header(name, value)  # replaces Tornado's defaults (Content-Type, Server, Date)
+        self.copy_upstream_headers(headers, DROP_RESPONSE)
 
     async def _on_chunk(self, chunk: bytes) -> None:
         if self.redirect_to:

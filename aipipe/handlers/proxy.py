@@ -26,9 +26,7 @@ log = logging.getLogger("aipipe.proxy")
 DROP_RESPONSE_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie",
-    "openai-organization", "openai-project", "access-control-allow-origin", "access-control-allow-headers",
-    "access-control-allow-methods", "access-control-expose-headers", "access-control-allow-credentials",
-    "x-consumed-content-encoding",
+    "openai-organization", "openai-project", "x-consumed-content-encoding",
 })
 KEY_REJECTED = "provider credentials misconfigured"
 
@@ -137,16 +135,7 @@ class ProviderHandler(ApiHandler):
         self._mode = "sse" if "text/event-stream" in ctype else "json" if "json" in ctype else "raw"
         self._received_at = time.perf_counter()
         self.set_status(status, reason or None)
-        seen = set()
-        for name, value in headers.get_all():
-            lower = name.lower()
-            if lower in DROP_RESPONSE_HEADERS:
-                continue
-            if lower in seen:
-                self.add_header(name, value)
-            else:
-                seen.add(lower)
-                self.set_header(name, value)  # replaces Tornado's defaults (Content-Type, Server, Date)
+        self.copy_upstream_headers(headers, DROP_RESPONSE_HEADERS)
         if self._mode != "json":
             self.outcome.streamed = self._mode == "sse"
             self._set_overhead()

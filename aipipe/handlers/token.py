@@ -1,7 +1,6 @@
 """/token: a Google Sign-In credential in, an AI Pipe token out."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -16,6 +15,7 @@ from tornado.httpclient import HTTPRequest
 
 from ..auth import mint_token
 from ..errors import ApiError
+from ..singleflight import SingleFlight
 from .base import ApiHandler
 
 log = logging.getLogger("aipipe.token")
@@ -57,20 +57,13 @@ class GoogleCerts:
         self.url, self.http = url, http
         self.data: bytes | None = None
         self.expires = self.fetched = float("-inf")
-        self._inflight: asyncio.Future | None = None
+        self._refresh = SingleFlight(self._fetch)  # one fetch serves every sign-in waiting on it
 
     async def get(self, refresh: bool = False) -> bytes:
         """The certificates JSON; refresh=True refetches unless that happened within the last minute."""
         now = time.monotonic()
         if self.data is None or now > self.expires or (refresh and now - self.fetched > REFETCH_SECONDS):
-            if self._inflight is None:  # one fetch serves every sign-in waiting on it
-                self._inflight = asyncio.ensure_future(self._fetch())
-            fut = self._inflight
-            try:
-                await asyncio.shield(fut)
-            finally:
-                if self._inflight is fut and fut.done():
-                    self._inflight = None
+            await self._refresh.run()
         if self.data is None:
             raise ApiError(503, "Could not fetch Google's signing keys, try again shortly")
         return self.data

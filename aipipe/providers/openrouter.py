@@ -1,7 +1,6 @@
 """OpenRouter: /openrouter/* -> {base_url}/*, priced by usage.cost or the live model list."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -9,6 +8,7 @@ import orjson
 from tornado.httpclient import HTTPRequest
 
 from ..errors import ApiError
+from ..singleflight import SingleFlight
 from ..pricing import Price, cost_of
 from ..usage import Usage
 from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price, set_hold
@@ -40,24 +40,14 @@ class ModelCatalog:
         self.url, self.http, self.ttl, self.refetch = url, http, ttl, refetch
         self.prices: dict[str, Price] = {}
         self.fetched_at = float("-inf")
-        self._inflight: asyncio.Future | None = None
+        self._refresh = SingleFlight(self._fetch)  # one fetch serves every caller waiting on it
 
     async def price(self, model: str) -> Price | None:
         """The model's price, fetching the list when it is stale or (rate-limited) when the model is new."""
         age = time.monotonic() - self.fetched_at
         if age > self.ttl or (model not in self.prices and age > self.refetch):
-            await self._refresh()
+            await self._refresh.run()
         return self.prices.get(model)
-
-    async def _refresh(self) -> None:
-        if self._inflight is None:  # one fetch serves every caller waiting on it
-            self._inflight = asyncio.ensure_future(self._fetch())
-        fut = self._inflight
-        try:
-            await asyncio.shield(fut)
-        finally:
-            if self._inflight is fut and fut.done():
-                self._inflight = None
 
     async def _fetch(self) -> None:
         self.fetched_at = time.monotonic()  # set first: a failing list is not hammered either
