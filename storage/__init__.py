@@ -61,5 +61,17 @@ async def open_store(url: str, pool_min: int = 1, pool_max: int = 10) -> Store:
             await store.close()
         except Exception:
             pass
-        raise StoreConfigError(f"cannot open storage {mask_url(url)}: {type(e).__name__}: {e}") from e
+        raise StoreConfigError(f"cannot open storage {mask_url(url)}: {one_line(e, url)}") from e
     return store
+
+
+def one_line(error: BaseException, url: str) -> str:
+    """`Type: message` on one line, with the URL's password (if any) masked."""
+    text = " ".join(str(error).split()) or "no answer in time"
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***")
+    return f"{type(error).__name__}: {text}"

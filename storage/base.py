@@ -153,3 +153,35 @@ def decide_batch(
             st.inflight += 1
             st.recent = recent + [now]
     return admissions, rows
+
+
+def add_hold(state: UserState, amount: float, created: float, is_open: bool, now: float) -> None:
+    """Fold one hold row into a user's state."""
+    if is_open:
+        state.held += amount
+        state.inflight += 1
+    if created > now - RATE_WINDOW:
+        state.recent = (state.recent or []) + [created]
+
+
+def model_row(r) -> dict:
+    """A usage_by_model row as a dict."""
+    provider, model, n, tin, tout, cost = r
+    return {"provider": provider, "model": model, "requests": int(n), "input_tokens": int(tin or 0),
+            "output_tokens": int(tout or 0), "cost": float(cost or 0)}
+
+
+def usage_filter(email, since, until, mark=lambda i: "?", dates_as_text: bool = True) -> tuple[str, tuple]:
+    """WHERE clause and arguments for all_usage filters; `mark(i)` renders the i-th placeholder.
+
+    Dates (date or "YYYY-MM-DD") are passed as ISO text, or as `date` objects when dates_as_text is false.
+    """
+    clauses, args = [], []
+    for column, op, value in (("email", "=", email), ("date", ">=", since), ("date", "<=", until)):
+        if value is not None:
+            if column == "date":
+                text = value if isinstance(value, str) else value.isoformat()
+                value = text if dates_as_text else date.fromisoformat(text)
+            args.append(value)
+            clauses.append(f"{column} {op} {mark(len(args))}")
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)

@@ -5,13 +5,15 @@ serialise their reservations instead of racing between read and write.
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
 import sqlite3
 from datetime import date
 
 import aiosqlite
 
-from .base import RATE_WINDOW, Admission, Charge, HoldRequest, Store, StoreUnavailable, UserState, decide_batch
+from .base import (RATE_WINDOW, Admission, Charge, HoldRequest, Store, StoreUnavailable, UserState, add_hold,  # noqa: F401
+                   decide_batch, model_row, usage_filter)
 
 MIGRATIONS = (
     """
@@ -48,11 +50,12 @@ class SQLiteStore(Store):
         self.path = path
         self.url = f"sqlite:///{path}"
         self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()  # one transaction at a time on the one connection
 
     async def setup(self) -> None:
         """Open the file (WAL, NORMAL sync) and apply pending migrations."""
         self._db = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
-        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._set_wal()
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=30000")
         async with self._transaction():
@@ -64,6 +67,18 @@ class SQLiteStore(Store):
                     await self._db.execute(statement)
                 await self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
+    async def _set_wal(self, tries: int = 300) -> None:
+        # Switching a new file to WAL answers "database is locked" at once, without waiting on the busy
+        # timeout, while another process does the same: retry for up to ~30 s.
+        for attempt in range(tries):
+            try:
+                await self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == tries - 1:
+                    raise
+                await asyncio.sleep(0.1)
+
     async def close(self) -> None:
         """Close the connection."""
         if self._db is not None:
@@ -71,7 +86,7 @@ class SQLiteStore(Store):
             self._db = None
 
     def _transaction(self):
-        return _Transaction(self._conn())
+        return _Transaction(self)
 
     def _conn(self) -> aiosqlite.Connection:
         if self._db is None:
@@ -165,7 +180,7 @@ class SQLiteStore(Store):
         names = [d[0] for d in cur.description]
         rows = await cur.fetchall()
         await cur.close()
-        return [dict(zip(names, r)) for r in rows]
+        return [ledger_dict(dict(zip(names, r))) for r in rows]
 
     async def prune(self, now: float) -> None:
         """Forget holds that no longer count for anything."""
@@ -174,49 +189,42 @@ class SQLiteStore(Store):
                 "DELETE FROM holds WHERE created < ? AND (released = 1 OR expires < ?)", (now - 2 * RATE_WINDOW, now))
 
 
-def add_hold(state: UserState, amount: float, created: float, is_open: bool, now: float) -> None:
-    """Fold one hold row into a user's state."""
-    if is_open:
-        state.held += amount
-        state.inflight += 1
-    if created > now - RATE_WINDOW:
-        state.recent = (state.recent or []) + [created]
-
-
-def model_row(r) -> dict:
-    """A usage_by_model row as a dict."""
-    provider, model, n, tin, tout, cost = r
-    return {"provider": provider, "model": model, "requests": int(n), "input_tokens": int(tin or 0),
-            "output_tokens": int(tout or 0), "cost": float(cost or 0)}
-
-
-def usage_filter(email, since, until, mark=lambda i: "?") -> tuple[str, tuple]:
-    """WHERE clause and arguments for all_usage filters; `mark(i)` renders the i-th placeholder."""
-    clauses, args = [], []
-    for column, op, value in (("email", "=", email), ("date", ">=", since), ("date", "<=", until)):
-        if value is not None:
-            args.append(value if isinstance(value, str) else value.isoformat())
-            clauses.append(f"{column} {op} {mark(len(args))}")
-    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
+def ledger_dict(row: dict) -> dict:
+    """A ledger row with streamed/aborted as booleans, as every backend returns them."""
+    row["streamed"], row["aborted"] = bool(row["streamed"]), bool(row["aborted"])
+    return row
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; sqlite3 errors become StoreUnavailable."""
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; sqlite3 errors become StoreUnavailable.
 
-    def __init__(self, db: aiosqlite.Connection):
-        self.db = db
+    Transactions of one store take turns (the store's lock): coroutines share its one connection,
+    and a second BEGIN on it would fail, or worse, run its statements inside the first transaction.
+    """
+
+    def __init__(self, store: SQLiteStore):
+        self.store = store
 
     async def __aenter__(self):
+        await self.store._lock.acquire()
         try:
+            self.db = self.store._conn()
             await self.db.execute("BEGIN IMMEDIATE")
         except (sqlite3.OperationalError, ValueError) as e:
+            self.store._lock.release()
             raise StoreUnavailable(f"SQLite: {e}") from e
+        except BaseException:
+            self.store._lock.release()
+            raise
 
     async def __aexit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            await self.db.execute("COMMIT")
-        else:
-            await self.db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):
-                raise StoreUnavailable(f"SQLite: {exc}") from exc
+        try:
+            if exc_type is None:
+                await self.db.execute("COMMIT")
+            else:
+                await self.db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise StoreUnavailable(f"SQLite: {exc}") from exc
+        finally:
+            self.store._lock.release()
         return False

@@ -1,0 +1,290 @@
+"""PostgreSQL backend on asyncpg: a connection pool, one transaction per batch, advisory locks.
+
+URL: postgresql://user:password@host:5432/dbname[?param=value&...]. AI Pipe reads three
+parameters itself and hands every other one to asyncpg (sslmode, ... or any server setting,
+e.g. application_name=aipipe):
+
+- schema=NAME          keep AI Pipe's tables in schema NAME (created if missing; search_path=NAME)
+- connect_timeout=S    seconds to wait for a new connection (default 5)
+- command_timeout=S    seconds one statement may take (default 30)
+
+Several processes on several machines may share one database:
+
+- Migrations run in one transaction under pg_advisory_xact_lock, so instances that start at
+  the same moment apply each migration exactly once.
+- A reserve batch takes pg_advisory_xact_lock on (namespace, hashtext(email)) for each of its
+  emails in a fixed order, then reads spend and holds in a single statement (one snapshot taken
+  after the locks are held) and inserts the new holds: admissions for one email are serialised
+  across every instance.
+- settle writes ledger rows, adds to the daily totals (rows locked in a fixed order) and releases
+  holds in one transaction; set_cost locks the day's row before reading it.
+
+Every batch costs a handful of round trips whatever its size (arrays through unnest), which is
+what keeps the single writer in aipipe/ledger.py fast. Connection problems surface as
+StoreUnavailable; the pool reconnects by itself once the database answers again.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from contextlib import asynccontextmanager
+from datetime import date
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from .base import (RATE_WINDOW, Admission, Charge, HoldRequest, Store, StoreUnavailable, UserState, add_hold,
+                   decide_batch, model_row, usage_filter)
+
+LOCK_NAMESPACE = 0x41495050  # "AIPP": first key of the per-email advisory locks
+MIGRATE_LOCK = "aipipe.migrate:"  # hashed with the schema name into the migration lock's key
+
+MIGRATIONS = (
+    """
+    CREATE TABLE usage (email TEXT NOT NULL, date DATE NOT NULL, cost DOUBLE PRECISION NOT NULL DEFAULT 0,
+                        PRIMARY KEY (email, date));
+    CREATE TABLE ledger (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, ts DOUBLE PRECISION NOT NULL,
+        email TEXT NOT NULL, date DATE NOT NULL, kind TEXT NOT NULL, provider TEXT NOT NULL DEFAULT '',
+        model TEXT NOT NULL DEFAULT '', input_tokens BIGINT NOT NULL DEFAULT 0,
+        output_tokens BIGINT NOT NULL DEFAULT 0, cost DOUBLE PRECISION NOT NULL, status INTEGER NOT NULL DEFAULT 0,
+        duration_ms DOUBLE PRECISION NOT NULL DEFAULT 0, streamed BOOLEAN NOT NULL DEFAULT FALSE,
+        aborted BOOLEAN NOT NULL DEFAULT FALSE);
+    CREATE INDEX ledger_email_date ON ledger (email, date);
+    CREATE TABLE holds (id BIGINT PRIMARY KEY, email TEXT NOT NULL, amount DOUBLE PRECISION NOT NULL,
+        created DOUBLE PRECISION NOT NULL, expires DOUBLE PRECISION NOT NULL,
+        released BOOLEAN NOT NULL DEFAULT FALSE);
+    CREATE INDEX holds_email ON holds (email, created);
+    """,
+)
+
+LOCK_EMAILS = f"""SELECT pg_advisory_xact_lock({LOCK_NAMESPACE}, h)
+    FROM (SELECT DISTINCT hashtext(e) AS h FROM unnest($1::text[]) AS e ORDER BY h) AS keys"""
+# One statement, so settled spend and holds come from the same snapshot (taken after the locks).
+READ_STATE = """
+    SELECT 0 AS k, email, to_char(date, 'YYYY-MM-DD') AS day, cost AS amount, 0::float8 AS created, FALSE AS open
+      FROM usage WHERE email = ANY($1::text[]) AND date >= $2::date
+    UNION ALL
+    SELECT 1, email, NULL, amount, created, (NOT released AND expires > $3::float8)
+      FROM holds WHERE email = ANY($1::text[]) AND (NOT released OR created > $4::float8)
+    ORDER BY k, created"""
+INSERT_HOLDS = """INSERT INTO holds (id, email, amount, created, expires)
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::float8[], $5::float8[])"""
+LEDGER_COLUMNS = ("ts, email, date, kind, provider, model, input_tokens, output_tokens, cost, status, duration_ms, "
+                  "streamed, aborted")
+INSERT_LEDGER = f"""INSERT INTO ledger ({LEDGER_COLUMNS})
+    SELECT * FROM unnest($1::float8[], $2::text[], $3::date[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+                         $8::bigint[], $9::float8[], $10::int[], $11::float8[], $12::bool[], $13::bool[])"""
+# Grouped (one row per key: ON CONFLICT may touch a row once per statement) and ordered (so two
+# instances settling the same users lock their rows in the same order and cannot deadlock).
+ADD_COSTS = """INSERT INTO usage (email, date, cost)
+    SELECT e, d, SUM(c) FROM unnest($1::text[], $2::date[], $3::float8[]) AS t(e, d, c)
+    GROUP BY e, d ORDER BY e, d
+    ON CONFLICT (email, date) DO UPDATE SET cost = usage.cost + excluded.cost"""
+RELEASE_HOLDS = "UPDATE holds SET released = TRUE WHERE id = ANY($1::bigint[])"
+PRUNE_HOLDS = """DELETE FROM holds WHERE id IN (
+    SELECT id FROM holds WHERE created < $1::float8 AND (released OR expires < $2::float8)
+    ORDER BY id FOR UPDATE SKIP LOCKED)"""
+
+# What a dropped connection, a stopped or restarting server, or a timeout raise.
+DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def parse_url(url: str) -> tuple[str, str | None, float, float]:
+    """Split AI Pipe's own parameters off a postgresql:// URL: (dsn for asyncpg, schema, connect_timeout, command_timeout)."""
+    parts = urlsplit(url)
+    query, schema, connect_timeout, command_timeout = [], None, 5.0, 30.0
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "schema":
+            schema = value or None
+        elif key == "connect_timeout":
+            connect_timeout = float(value)
+        elif key == "command_timeout":
+            command_timeout = float(value)
+        else:
+            query.append((key, value))
+    if connect_timeout <= 0 or command_timeout <= 0:
+        raise ValueError("connect_timeout and command_timeout must be positive")
+    return urlunsplit(parts._replace(query=urlencode(query))), schema, connect_timeout, command_timeout
+
+
+def quote_ident(name: str) -> str:
+    """A SQL identifier, double-quoted."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def ledger_record(c: Charge) -> tuple:
+    """A Charge as one row of INSERT_LEDGER's arrays."""
+    return (c.ts, c.email, c.day, c.kind, c.provider, c.model, c.input_tokens, c.output_tokens, c.cost, c.status,
+            c.duration_ms, c.streamed, c.aborted)
+
+
+def columns(rows: list[tuple]) -> list[list]:
+    """Rows to column arrays (for unnest), at least one empty list per column."""
+    return [list(col) for col in zip(*rows)]
+
+
+class PostgresStore(Store):
+    """Budgets, holds and the ledger in PostgreSQL, shared by any number of server processes."""
+
+    def __init__(self, url: str, pool_min: int = 1, pool_max: int = 10):
+        from . import StoreConfigError, mask_url
+
+        self.url = url
+        try:
+            self.dsn, self.schema, self.connect_timeout, self.command_timeout = parse_url(url)
+        except ValueError as e:
+            raise StoreConfigError(f"storage URL {mask_url(url)} is malformed: {e}") from None
+        self.pool_min, self.pool_max = max(0, pool_min), max(1, pool_max, pool_min)
+        self._pool: asyncpg.Pool | None = None
+
+    async def setup(self) -> None:
+        """Open the pool and apply pending migrations under an advisory lock."""
+        settings = {"search_path": quote_ident(self.schema)} if self.schema else {}
+        try:
+            self._pool = await asyncio.wait_for(asyncpg.create_pool(
+                self.dsn, min_size=self.pool_min, max_size=self.pool_max, timeout=self.connect_timeout,
+                command_timeout=self.command_timeout, max_inactive_connection_lifetime=300.0,
+                server_settings=settings or None), timeout=self.connect_timeout * max(1, self.pool_min) + 5)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"no answer within {self.connect_timeout:g}s") from None
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                schema = self.schema or await conn.fetchval("SELECT current_schema()") or "public"
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", MIGRATE_LOCK + schema)
+                if self.schema:
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
+                await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, "
+                                   "applied TIMESTAMPTZ NOT NULL DEFAULT now())")
+                current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+                for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                    await conn.execute(script)
+                    await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+
+    async def close(self) -> None:
+        """Close the pool (waiting briefly for connections in use)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), 10)
+        except (asyncio.TimeoutError, *DB_ERRORS):
+            pool.terminate()
+
+    @asynccontextmanager
+    async def _transaction(self):
+        """A pooled connection inside a transaction; database errors become StoreUnavailable."""
+        if self._pool is None:
+            raise StoreUnavailable("PostgreSQL store is closed")
+        try:
+            async with self._pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
+                async with conn.transaction():
+                    yield conn
+        except DB_ERRORS as e:
+            raise unavailable(e) from e
+
+    async def _fetch(self, query: str, *args) -> list:
+        if self._pool is None:
+            raise StoreUnavailable("PostgreSQL store is closed")
+        try:
+            async with self._pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
+                return await conn.fetch(query, *args)
+        except DB_ERRORS as e:
+            raise unavailable(e) from e
+
+    async def reserve(self, requests: list[HoldRequest], now: float) -> list[Admission]:
+        """Admit and hold each request in order; emails locked across instances for the transaction."""
+        emails = sorted({r.email for r in requests})
+        since = min(r.since for r in requests)
+        async with self._transaction() as conn:
+            await conn.execute(LOCK_EMAILS, emails)
+            rows = await conn.fetch(READ_STATE, emails, since, now, now - RATE_WINDOW)
+            states = {e: UserState(daily=[]) for e in emails}
+            for kind, email, day, amount, created, is_open in rows:
+                if kind == 0:
+                    states[email].daily.append((day, float(amount)))
+                else:
+                    add_hold(states[email], float(amount), created, is_open, now)
+            admissions, holds = decide_batch(requests, states, now, lambda: secrets.randbits(62))
+            if holds:
+                await conn.execute(INSERT_HOLDS, *columns(holds))
+        return admissions
+
+    async def settle(self, charges: list[Charge]) -> None:
+        """Ledger rows, daily totals and hold releases for a batch, in one transaction."""
+        billed = [c for c in charges if c.kind != "release"]
+        costs = [(c.email, c.day, c.cost) for c in billed if c.cost]
+        released = sorted({c.hold_id for c in charges if c.hold_id is not None})
+        async with self._transaction() as conn:
+            if billed:
+                await conn.execute(INSERT_LEDGER, *columns([ledger_record(c) for c in billed]))
+            if costs:
+                await conn.execute(ADD_COSTS, *columns(costs))
+            if released:
+                await conn.execute(RELEASE_HOLDS, released)
+
+    async def spend(self, email: str, since: date) -> float:
+        """Settled cost in the window."""
+        rows = await self._fetch("SELECT COALESCE(SUM(cost), 0) FROM usage WHERE email = $1 AND date >= $2",
+                                 email, since)
+        return float(rows[0][0])
+
+    async def open_holds(self, email: str, now: float) -> float:
+        """USD held by requests in flight."""
+        rows = await self._fetch(
+            "SELECT COALESCE(SUM(amount), 0) FROM holds WHERE email = $1 AND NOT released AND expires > $2",
+            email, now)
+        return float(rows[0][0])
+
+    async def daily_usage(self, email: str, since: date) -> list[tuple[str, float]]:
+        """Days with spend, oldest first."""
+        rows = await self._fetch("SELECT date, cost FROM usage WHERE email = $1 AND date >= $2 ORDER BY date",
+                                 email, since)
+        return [(d.isoformat(), float(c)) for d, c in rows]
+
+    async def usage_by_model(self, email: str, since: date) -> list[dict]:
+        """Ledger sums per provider and model."""
+        rows = await self._fetch(
+            """SELECT provider, model, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost) FROM ledger
+               WHERE email = $1 AND date >= $2 AND kind = 'request' GROUP BY provider, model
+               ORDER BY SUM(cost) DESC, provider, model""", email, since)
+        return [model_row(r) for r in rows]
+
+    async def all_usage(self, email=None, since=None, until=None, limit=1000, offset=0) -> list[dict]:
+        """Daily totals of everyone, newest first."""
+        where, args = usage_filter(email, since, until, mark=lambda i: f"${i}", dates_as_text=False)
+        n = len(args)
+        rows = await self._fetch(
+            f"SELECT email, date, cost FROM usage {where} ORDER BY date DESC, email LIMIT ${n + 1} OFFSET ${n + 2}",
+            *args, limit, offset)
+        return [{"email": e, "date": d.isoformat(), "cost": float(c)} for e, d, c in rows]
+
+    async def set_cost(self, email: str, day: date, cost: float, now: float) -> None:
+        """Overwrite a day's total; the difference goes in the ledger as an adjustment."""
+        async with self._transaction() as conn:
+            # Lock the row first, so a settlement committing meanwhile is neither lost nor double counted.
+            await conn.execute("INSERT INTO usage (email, date, cost) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING",
+                               email, day)
+            old = await conn.fetchval("SELECT cost FROM usage WHERE email = $1 AND date = $2 FOR UPDATE", email, day)
+            adjust = Charge(email=email, day=day, cost=cost - float(old), kind="adjust", ts=now)
+            await conn.execute(INSERT_LEDGER, *columns([ledger_record(adjust)]))
+            await conn.execute("UPDATE usage SET cost = $3 WHERE email = $1 AND date = $2", email, day, cost)
+
+    async def ledger(self, email: str | None = None, limit: int = 100) -> list[dict]:
+        """Newest ledger rows."""
+        if email:
+            rows = await self._fetch(f"SELECT id, {LEDGER_COLUMNS} FROM ledger WHERE email = $1 ORDER BY id DESC LIMIT $2",
+                                     email, limit)
+        else:
+            rows = await self._fetch(f"SELECT id, {LEDGER_COLUMNS} FROM ledger ORDER BY id DESC LIMIT $1", limit)
+        return [{**dict(r), "date": r["date"].isoformat()} for r in rows]
+
+    async def prune(self, now: float) -> None:
+        """Forget holds that no longer count for anything (skipping rows a settlement holds locked)."""
+        async with self._transaction() as conn:
+            await conn.execute(PRUNE_HOLDS, now - 2 * RATE_WINDOW, now)
+
+
+def unavailable(e: BaseException) -> StoreUnavailable:
+    """A driver or network error as StoreUnavailable, in one line."""
+    text = " ".join(str(e).split()) or "no answer in time"
+    return StoreUnavailable(f"PostgreSQL: {type(e).__name__}: {text}")
