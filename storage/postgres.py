@@ -26,6 +26,7 @@ StoreUnavailable; the pool reconnects by itself once the database answers again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from contextlib import asynccontextmanager
 from datetime import date
@@ -282,6 +283,24 @@ class PostgresStore(Store):
         """Forget holds that no longer count for anything (skipping rows a settlement holds locked)."""
         async with self._transaction() as conn:
             await conn.execute(PRUNE_HOLDS, now - 2 * RATE_WINDOW, now)
+
+
+class OneLineErrors(logging.Filter):
+    """Log a record's exception as `: Type: message` on the same line instead of a traceback.
+
+    asyncpg's pool logs a full traceback each time it fails to reconnect its floor connections;
+    during an outage that would flood the log with identical tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(e).__name__}: {' '.join(str(e).split())}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(OneLineErrors())
 
 
 def unavailable(e: BaseException) -> StoreUnavailable:

@@ -170,6 +170,16 @@ class Instances:
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.tmp.glob("server*.log")))
 
+    async def astop(self, timeout: float = 30.0) -> None:
+        """SIGTERM and wait without blocking the loop (which may run the upstream or a proxy they need)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.stop()
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
