@@ -17,7 +17,7 @@ Several processes on several machines may share one database:
   after the locks are held) and inserts the new holds: admissions for one email are serialised
   across every instance.
 - settle writes ledger rows, adds to the daily totals (rows locked in a fixed order) and releases
-  holds in one transaction; set_cost locks the day's row before reading it.
+  holds in one statement; set_cost locks the day's row before reading it.
 
 Every batch costs a handful of round trips whatever its size (arrays through unnest), which is
 what keeps the single writer in aipipe/ledger.py fast. Connection problems surface as
@@ -55,6 +55,7 @@ MIGRATIONS = (
         created DOUBLE PRECISION NOT NULL, expires DOUBLE PRECISION NOT NULL,
         released BOOLEAN NOT NULL DEFAULT FALSE);
     CREATE INDEX holds_email ON holds (email, created);
+    CREATE INDEX holds_open ON holds (email) WHERE NOT released;
     """,
 )
 
@@ -72,16 +73,19 @@ INSERT_HOLDS = """INSERT INTO holds (id, email, amount, created, expires)
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::float8[], $5::float8[])"""
 LEDGER_COLUMNS = ("ts, email, date, kind, provider, model, input_tokens, output_tokens, cost, status, duration_ms, "
                   "streamed, aborted")
-INSERT_LEDGER = f"""INSERT INTO ledger ({LEDGER_COLUMNS})
-    SELECT * FROM unnest($1::float8[], $2::text[], $3::date[], $4::text[], $5::text[], $6::text[], $7::bigint[],
-                         $8::bigint[], $9::float8[], $10::int[], $11::float8[], $12::bool[], $13::bool[])"""
-# Grouped (one row per key: ON CONFLICT may touch a row once per statement) and ordered (so two
-# instances settling the same users lock their rows in the same order and cannot deadlock).
-ADD_COSTS = """INSERT INTO usage (email, date, cost)
-    SELECT e, d, SUM(c) FROM unnest($1::text[], $2::date[], $3::float8[]) AS t(e, d, c)
-    GROUP BY e, d ORDER BY e, d
-    ON CONFLICT (email, date) DO UPDATE SET cost = usage.cost + excluded.cost"""
-RELEASE_HOLDS = "UPDATE holds SET released = TRUE WHERE id = ANY($1::bigint[])"
+LEDGER_ARRAYS = ("$1::float8[], $2::text[], $3::date[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], "
+                 "$9::float8[], $10::int[], $11::float8[], $12::bool[], $13::bool[]")
+INSERT_LEDGER = f"INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LEDGER_ARRAYS})"
+# A whole settle batch in one statement (so one round trip, and atomic on its own): ledger rows,
+# daily totals and hold releases. The totals are grouped (ON CONFLICT may touch a row only once per
+# statement) and ordered (two instances settling the same users lock rows in the same order).
+SETTLE = f"""WITH ledger_rows AS (INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LEDGER_ARRAYS})),
+    totals AS (INSERT INTO usage (email, date, cost)
+        SELECT e, d, SUM(c) FROM unnest($14::text[], $15::date[], $16::float8[]) AS t(e, d, c)
+        GROUP BY e, d ORDER BY e, d
+        ON CONFLICT (email, date) DO UPDATE SET cost = usage.cost + excluded.cost),
+    released AS (UPDATE holds SET released = TRUE WHERE id = ANY($17::bigint[]))
+    SELECT 1"""
 PRUNE_HOLDS = """DELETE FROM holds WHERE id IN (
     SELECT id FROM holds WHERE created < $1::float8 AND (released OR expires < $2::float8)
     ORDER BY id FOR UPDATE SKIP LOCKED)"""
@@ -119,9 +123,9 @@ def ledger_record(c: Charge) -> tuple:
             c.duration_ms, c.streamed, c.aborted)
 
 
-def columns(rows: list[tuple]) -> list[list]:
-    """Rows to column arrays (for unnest), at least one empty list per column."""
-    return [list(col) for col in zip(*rows)]
+def columns(rows: list[tuple], width: int) -> list[list]:
+    """Rows to `width` column arrays (for unnest); empty lists when there are no rows."""
+    return [list(col) for col in zip(*rows)] if rows else [[] for _ in range(width)]
 
 
 class PostgresStore(Store):
@@ -183,6 +187,16 @@ class PostgresStore(Store):
         except DB_ERRORS as e:
             raise unavailable(e) from e
 
+    async def _execute(self, query: str, *args) -> None:
+        """One statement on its own (atomic by itself)."""
+        if self._pool is None:
+            raise StoreUnavailable("PostgreSQL store is closed")
+        try:
+            async with self._pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
+                await conn.execute(query, *args)
+        except DB_ERRORS as e:
+            raise unavailable(e) from e
+
     async def _fetch(self, query: str, *args) -> list:
         if self._pool is None:
             raise StoreUnavailable("PostgreSQL store is closed")
@@ -207,21 +221,15 @@ class PostgresStore(Store):
                     add_hold(states[email], float(amount), created, is_open, now)
             admissions, holds = decide_batch(requests, states, now, lambda: secrets.randbits(62))
             if holds:
-                await conn.execute(INSERT_HOLDS, *columns(holds))
+                await conn.execute(INSERT_HOLDS, *columns(holds, 5))
         return admissions
 
     async def settle(self, charges: list[Charge]) -> None:
-        """Ledger rows, daily totals and hold releases for a batch, in one transaction."""
+        """Ledger rows, daily totals and hold releases for a batch, in one statement (one round trip)."""
         billed = [c for c in charges if c.kind != "release"]
         costs = [(c.email, c.day, c.cost) for c in billed if c.cost]
         released = sorted({c.hold_id for c in charges if c.hold_id is not None})
-        async with self._transaction() as conn:
-            if billed:
-                await conn.execute(INSERT_LEDGER, *columns([ledger_record(c) for c in billed]))
-            if costs:
-                await conn.execute(ADD_COSTS, *columns(costs))
-            if released:
-                await conn.execute(RELEASE_HOLDS, released)
+        await self._execute(SETTLE, *columns([ledger_record(c) for c in billed], 13), *columns(costs, 3), released)
 
     async def spend(self, email: str, since: date) -> float:
         """Settled cost in the window."""
@@ -267,7 +275,7 @@ class PostgresStore(Store):
                                email, day)
             old = await conn.fetchval("SELECT cost FROM usage WHERE email = $1 AND date = $2 FOR UPDATE", email, day)
             adjust = Charge(email=email, day=day, cost=cost - float(old), kind="adjust", ts=now)
-            await conn.execute(INSERT_LEDGER, *columns([ledger_record(adjust)]))
+            await conn.execute(INSERT_LEDGER, *columns([ledger_record(adjust)], 13))
             await conn.execute("UPDATE usage SET cost = $3 WHERE email = $1 AND date = $2", email, day, cost)
 
     async def ledger(self, email: str | None = None, limit: int = 100) -> list[dict]:
