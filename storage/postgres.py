@@ -156,8 +156,11 @@ class PostgresStore(Store):
             async with conn.transaction():
                 schema = self.schema or await conn.fetchval("SELECT current_schema()") or "public"
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", MIGRATE_LOCK + schema)
-                if self.schema:
-                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
+                # Look first: CREATE SCHEMA IF NOT EXISTS wants CREATE on the database even when the schema
+                # exists, which a least-privilege user given a schema made by the DBA does not have.
+                if self.schema and not await conn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", self.schema):
+                    await conn.execute(f"CREATE SCHEMA {quote_ident(self.schema)}")
                 await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, "
                                    "applied TIMESTAMPTZ NOT NULL DEFAULT now())")
                 current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
