@@ -35,6 +35,8 @@ class Ledger:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._settle_after = 0.0  # monotonic time before which a failed settle is not retried
+        self._down_until = 0.0  # admissions fail at once until then, after the store failed one
 
     def start(self) -> None:
         """Start the writer task on the running loop, replaying any spooled charges first."""
@@ -45,6 +47,8 @@ class Ledger:
 
     async def reserve(self, request: HoldRequest) -> Admission:
         """Admit (or refuse) one request; raises StoreUnavailable when the store is down."""
+        if time.monotonic() < self._down_until:  # don't make every caller wait out a dead connection
+            raise StoreUnavailable("store was unavailable a moment ago")
         fut = asyncio.get_running_loop().create_future()
         self._reserves.append((request, fut))
         self._wake.set()
@@ -67,11 +71,13 @@ class Ledger:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            written = await self._write_settles()
+            due = self._closing or time.monotonic() >= self._settle_after
+            written = await self._write_settles() if due else False
             await self._write_reserves()
             if self._closing and (not written or not self._settles):
                 return  # at shutdown, what the store will not take is spooled by close()
-            if not written:  # store down: admissions fail fast (503) while charges wait for a retry
+            if due and not written:  # store down: charges wait for one retry a while later, not one per request
+                self._settle_after = time.monotonic() + self.retry_seconds
                 asyncio.get_running_loop().call_later(self.retry_seconds, self._wake.set)
 
     async def _write_settles(self) -> bool:
@@ -99,6 +105,7 @@ class Ledger:
                 results = await self.store.reserve([r for r, _ in live], time.time())
             except Exception as e:
                 err = e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e))
+                self._down_until = time.monotonic() + self.retry_seconds
                 for _, f in live:
                     if not f.done():
                         f.set_exception(err)

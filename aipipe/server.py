@@ -50,6 +50,8 @@ async def _serve(config: Config, sockets, spool_path: str) -> None:
     except StoreConfigError as e:
         log.error("%s", e)
         raise SystemExit(1) from None
+    sockname = sockets[0].getsockname()
+    log.info("AI Pipe listening on http://%s:%d (storage %s)", sockname[0], sockname[1], mask_url(config.get("storage.url")))
     gateway = Gateway(config, store, spool_path=spool_path)
     await gateway.start()
     server = tornado.httpserver.HTTPServer(make_app(gateway), xheaders=config.get("server.xheaders"),
@@ -73,7 +75,6 @@ async def _serve(config: Config, sockets, spool_path: str) -> None:
 def run(config: Config, host: str, port: int, processes: int = 1) -> None:
     """Bind, optionally fork worker processes, and serve until SIGTERM/SIGINT."""
     sockets = tornado.netutil.bind_sockets(port, host)
-    log.info("AI Pipe listening on http://%s:%d (storage %s)", host, port, mask_url(config.get("storage.url")))
     task_id = None
     if processes > 1:
         task_id = tornado.process.fork_processes(processes)
