@@ -1,7 +1,9 @@
 """SQLite backend on aiosqlite: one connection in WAL mode, explicit IMMEDIATE transactions.
 
 IMMEDIATE takes the write lock up front, so several server processes sharing one file
-serialise their reservations instead of racing between read and write.
+serialise their reservations instead of racing between read and write. Each transaction runs
+whole on aiosqlite's connection thread (one hand-off per batch instead of one per statement),
+so the event loop never blocks and transactions of one store never interleave.
 """
 from __future__ import annotations
 
@@ -52,7 +54,6 @@ class SQLiteStore(Store):
         self.path = path
         self.url = f"sqlite:///{path}"
         self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()  # one transaction at a time on the one connection
 
     async def setup(self) -> None:
         """Open the file (WAL, NORMAL sync) and apply pending migrations."""
@@ -60,14 +61,7 @@ class SQLiteStore(Store):
         await self._set_wal()
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=30000")
-        async with self._transaction():
-            await self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            rows = await self._db.execute_fetchall("SELECT MAX(version) FROM schema_version")
-            current = rows[0][0] or 0
-            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    await self._db.execute(statement)
-                await self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        await self._write(_migrate)
 
     async def _set_wal(self, tries: int = 300) -> None:
         # Switching a new file to WAL answers "database is locked" at once, without waiting on the busy
@@ -87,48 +81,30 @@ class SQLiteStore(Store):
             await self._db.close()
             self._db = None
 
-    def _transaction(self):
-        return _Transaction(self)
-
     def _conn(self) -> aiosqlite.Connection:
         if self._db is None:
             raise StoreUnavailable("SQLite store is closed")
         return self._db
 
+    async def _write(self, work, *args):
+        """Run work(connection, *args) as one IMMEDIATE transaction on the connection's thread."""
+        db = self._conn()
+        try:
+            # aiosqlite's own way of running a function on its thread (as its backup() and iterdump() do)
+            return await db._execute(_in_transaction, db._conn, work, *args)
+        except (sqlite3.OperationalError, ValueError) as e:
+            raise StoreUnavailable(f"SQLite: {e}") from e
+
     async def reserve(self, requests: list[HoldRequest], now: float) -> list[Admission]:
         """Admit and hold each request in order, in one IMMEDIATE transaction."""
-        db = self._conn()
-        emails = sorted({r.email for r in requests})
-        marks = ",".join("?" * len(emails))
-        since = min(r.since for r in requests).isoformat()
-        async with self._transaction():
-            daily = await db.execute_fetchall(
-                f"SELECT email, date, cost FROM usage WHERE email IN ({marks}) AND date >= ?", (*emails, since))
-            holds = await db.execute_fetchall(
-                f"""SELECT email, amount, created, released = 0 AND expires > ? FROM holds
-                    WHERE email IN ({marks}) AND (released = 0 OR created > ?) ORDER BY created""",
-                (now, *emails, now - RATE_WINDOW))
-            states = {e: UserState(daily=[]) for e in emails}
-            for email, day, cost in daily:
-                states[email].daily.append((day, cost))
-            for email, amount, created, is_open in holds:
-                add_hold(states[email], amount, created, bool(is_open), now)
-            admissions, rows = decide_batch(requests, states, now, lambda: secrets.randbits(62))
-            if rows:
-                await db.executemany("INSERT INTO holds (id, email, amount, created, expires) VALUES (?,?,?,?,?)", rows)
-        return admissions
+        return await self._write(_reserve, requests, now)
 
     async def settle(self, charges: list[Charge]) -> None:
         """Ledger rows, daily totals and hold releases for a batch, in one transaction."""
-        db = self._conn()
-        billed = [c for c in charges if c.kind != "release"]
-        async with self._transaction():
-            if billed:
-                await db.executemany(LEDGER_INSERT, [ledger_row(c) for c in billed])
-                await db.executemany(ADD_COST, [(c.email, c.day.isoformat(), c.cost) for c in billed if c.cost])
-            released = [(c.hold_id,) for c in charges if c.hold_id is not None]
-            if released:
-                await db.executemany("UPDATE holds SET released = 1 WHERE id = ?", released)
+        billed = [ledger_row(c) for c in charges if c.kind != "release"]
+        costs = [(c.email, c.day.isoformat(), c.cost) for c in charges if c.kind != "release" and c.cost]
+        released = [(c.hold_id,) for c in charges if c.hold_id is not None]
+        await self._write(_settle, billed, costs, released)
 
     async def spend(self, email: str, since: date) -> float:
         """Settled cost in the window."""
@@ -166,14 +142,7 @@ class SQLiteStore(Store):
 
     async def set_cost(self, email: str, day: date, cost: float, now: float) -> None:
         """Overwrite a day's total; the difference goes in the ledger as an adjustment."""
-        db = self._conn()
-        async with self._transaction():
-            rows = await db.execute_fetchall("SELECT cost FROM usage WHERE email = ? AND date = ?", (email, day.isoformat()))
-            delta = cost - (rows[0][0] if rows else 0.0)
-            await db.execute(LEDGER_INSERT, ledger_row(Charge(email=email, day=day, cost=delta, kind="adjust", ts=now)))
-            await db.execute(
-                """INSERT INTO usage (email, date, cost) VALUES (?, ?, ?)
-                   ON CONFLICT (email, date) DO UPDATE SET cost = excluded.cost""", (email, day.isoformat(), cost))
+        await self._write(_set_cost, email, day, cost, now)
 
     async def ledger(self, email: str | None = None, limit: int = 100) -> list[dict]:
         """Newest ledger rows."""
@@ -186,9 +155,7 @@ class SQLiteStore(Store):
 
     async def prune(self, now: float) -> None:
         """Forget holds that no longer count for anything."""
-        async with self._transaction():
-            await self._conn().execute(
-                "DELETE FROM holds WHERE created < ? AND (released = 1 OR expires < ?)", (now - 2 * RATE_WINDOW, now))
+        await self._write(_prune, now)
 
 
 def ledger_dict(row: dict) -> dict:
@@ -197,36 +164,64 @@ def ledger_dict(row: dict) -> dict:
     return row
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; sqlite3 errors become StoreUnavailable.
+# --- transaction bodies: plain sqlite3, run on aiosqlite's connection thread ---------------------------
 
-    Transactions of one store take turns (the store's lock): coroutines share its one connection,
-    and a second BEGIN on it would fail, or worse, run its statements inside the first transaction.
-    """
+def _in_transaction(conn: sqlite3.Connection, work, *args):
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn, *args)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
 
-    def __init__(self, store: SQLiteStore):
-        self.store = store
 
-    async def __aenter__(self):
-        await self.store._lock.acquire()
-        try:
-            self.db = self.store._conn()
-            await self.db.execute("BEGIN IMMEDIATE")
-        except (sqlite3.OperationalError, ValueError) as e:
-            self.store._lock.release()
-            raise StoreUnavailable(f"SQLite: {e}") from e
-        except BaseException:
-            self.store._lock.release()
-            raise
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    current = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+    for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+        for statement in filter(str.strip, script.split(";")):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
-    async def __aexit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                await self.db.execute("COMMIT")
-            else:
-                await self.db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise StoreUnavailable(f"SQLite: {exc}") from exc
-        finally:
-            self.store._lock.release()
-        return False
+
+def _reserve(conn: sqlite3.Connection, requests: list[HoldRequest], now: float) -> list[Admission]:
+    emails = sorted({r.email for r in requests})
+    marks = ",".join("?" * len(emails))
+    since = min(r.since for r in requests).isoformat()
+    states = {e: UserState(daily=[]) for e in emails}
+    for email, day, cost in conn.execute(
+            f"SELECT email, date, cost FROM usage WHERE email IN ({marks}) AND date >= ?", (*emails, since)):
+        states[email].daily.append((day, cost))
+    rate_since = now - RATE_WINDOW if any(r.rpm for r in requests) else now  # recent holds matter only for rpm
+    for email, amount, created, is_open in conn.execute(
+            f"""SELECT email, amount, created, released = 0 AND expires > ? FROM holds
+                WHERE email IN ({marks}) AND (released = 0 OR created > ?) ORDER BY created""",
+            (now, *emails, rate_since)):
+        add_hold(states[email], amount, created, bool(is_open), now)
+    admissions, rows = decide_batch(requests, states, now, lambda: secrets.randbits(62))
+    if rows:
+        conn.executemany("INSERT INTO holds (id, email, amount, created, expires) VALUES (?,?,?,?,?)", rows)
+    return admissions
+
+
+def _settle(conn: sqlite3.Connection, billed: list[tuple], costs: list[tuple], released: list[tuple]) -> None:
+    if billed:
+        conn.executemany(LEDGER_INSERT, billed)
+    if costs:
+        conn.executemany(ADD_COST, costs)
+    if released:
+        conn.executemany("UPDATE holds SET released = 1 WHERE id = ?", released)
+
+
+def _set_cost(conn: sqlite3.Connection, email: str, day: date, cost: float, now: float) -> None:
+    row = conn.execute("SELECT cost FROM usage WHERE email = ? AND date = ?", (email, day.isoformat())).fetchone()
+    delta = cost - (row[0] if row else 0.0)
+    conn.execute(LEDGER_INSERT, ledger_row(Charge(email=email, day=day, cost=delta, kind="adjust", ts=now)))
+    conn.execute("""INSERT INTO usage (email, date, cost) VALUES (?, ?, ?)
+                    ON CONFLICT (email, date) DO UPDATE SET cost = excluded.cost""", (email, day.isoformat(), cost))
+
+
+def _prune(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute("DELETE FROM holds WHERE created < ? AND (released = 1 OR expires < ?)", (now - 2 * RATE_WINDOW, now))
