@@ -33,7 +33,7 @@ KEY_REJECTED = "provider credentials misconfigured"
 
 def usage_only(event: Event) -> bool:
     """The chunk OpenAI adds for include_usage: usage and an empty choices list."""
-    if b'"choices"' not in event.data or b'"usage"' not in event.data:
+    if b'"choices"' not in event.data or b'"usage"' not in event.data or b'"usage":null' in event.data:
         return False
     try:
         obj = orjson.loads(event.data)
@@ -167,7 +167,9 @@ class ProviderHandler(ApiHandler):
     def _read_events(self, events: list[Event]) -> None:
         for event in events:
             self.outcome.output_bytes += len(event.data)
-            if b"usage" in event.data:  # covers Gemini's usageMetadata; keep the last one seen
+            # covers Gemini's usageMetadata; keep the last one seen. OpenAI's chunks say "usage":null until
+            # the last: skip parsing those.
+            if b"usage" in event.data and b'"usage":null' not in event.data:
                 try:
                     usage = read_usage(orjson.loads(event.data))
                 except orjson.JSONDecodeError:
