@@ -15,7 +15,7 @@ setup(
         "aipipe.ui": ["templates/*.html", "static/*", "static/**/*"],
     },
     install_requires=[
-        "tornado>=6.5",
+        "tornado>=6.5,<7",  # aipipe/upstream.py uses two Tornado internals for connection reuse
         "pyjwt>=2.8",
         "aiosqlite>=0.20",
         "asyncpg>=0.29",

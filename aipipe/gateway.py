@@ -9,8 +9,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-from tornado.httpclient import AsyncHTTPClient
-
 from .auth import AuthError, Identity, TokenVerifier, is_native_key, token_from_headers
 from .budget import over_budget_message, today_utc, window_start
 from .config import Config
@@ -19,6 +17,7 @@ from .ledger import Ledger
 from .pricing import PriceTable
 from .providers.base import Call
 from .providers.openrouter import ModelCatalog
+from .upstream import PooledHTTPClient
 from .storage import Admission, Charge, HoldRequest, Store, StoreUnavailable
 
 log = logging.getLogger("aipipe")
@@ -47,7 +46,7 @@ class Gateway:
         self.ledger = Ledger(store, spool_path=spool_path)
         self.verifier = TokenVerifier(config.secret, config.salts, config.get("auth.token_cache_seconds"))
         self.default_hold = config.get("limits.default_hold_usd")
-        self.http = AsyncHTTPClient(force_instance=True, max_clients=100_000, max_body_size=1 << 31)
+        self.http = PooledHTTPClient(force_instance=True, max_clients=100_000, max_body_size=1 << 31)
         self._catalog: ModelCatalog | None = None
         self._prune_task: asyncio.Task | None = None
 

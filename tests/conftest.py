@@ -35,8 +35,8 @@ def pytest_addoption(parser):
 class Upstream:
     """A running fake provider server."""
 
-    def __init__(self, state: FakeState, port: int):
-        self.state, self.port = state, port
+    def __init__(self, state: FakeState, port: int, server=None):
+        self.state, self.port, self.server = state, port, server
         self.url = f"http://127.0.0.1:{port}"
 
 
@@ -46,7 +46,7 @@ def upstream(io_loop):
     sock, port = tornado.testing.bind_unused_port()
     server = tornado.httpserver.HTTPServer(make_fake_app(state))
     server.add_sockets([sock])
-    yield Upstream(state, port)
+    yield Upstream(state, port, server)
     server.stop()
 
 

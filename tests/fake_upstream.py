@@ -63,6 +63,7 @@ class FakeHandler(tornado.web.RequestHandler):
         self.state.requests.append({
             "provider": self.provider, "method": self.request.method, "path": self.request.path,
             "query": self.request.query, "headers": dict(self.request.headers.get_all()), "body": self.request.body,
+            "peer": self.request.connection.context.address,
         })
         if self.state.delay:
             await asyncio.sleep(self.state.delay)

@@ -31,6 +31,12 @@ DROP_RESPONSE_HEADERS = frozenset({
 KEY_REJECTED = "provider credentials misconfigured"
 
 
+def is_closed_connection(error) -> bool:
+    """The connection closed under a request (rather than refused, timed out or answered)."""
+    return isinstance(error, StreamClosedError) or (
+        isinstance(error, HTTPClientError) and error.code == 599 and "closed" in str(error).lower())
+
+
 def usage_only(event: Event) -> bool:
     """The chunk OpenAI adds for include_usage: usage and an empty choices list."""
     if b'"choices"' not in event.data or b'"usage"' not in event.data or b'"usage":null' in event.data:
@@ -99,11 +105,15 @@ class ProviderHandler(ApiHandler):
             connect_timeout=min(30.0, self.gw.config.get("limits.upstream_timeout")),
             request_timeout=self.gw.config.get("limits.upstream_timeout"))
         self._sent_at = time.perf_counter()
-        try:
-            response = await self.gw.http.fetch(request, raise_error=False)
-            error = response.error if response.code == 599 else None
-        except (OSError, HTTPClientError, StreamClosedError) as e:  # raise_error=False still raises these
-            error = e
+        for attempt in (1, 2):
+            try:
+                response = await self.gw.http.fetch(request, raise_error=False)
+                error = response.error if response.code == 599 else None
+            except (OSError, HTTPClientError, StreamClosedError) as e:  # raise_error=False still raises these
+                error = e
+            # A reused connection the provider closed just then fails before any answer: try once more.
+            if not (attempt == 1 and not self._mode and self._lines == [] and is_closed_connection(error)):
+                break
         if error is not None and not self._mode:
             raise self._connection_error(error)
         if error is not None:
