@@ -149,7 +149,10 @@ class ProviderHandler(ApiHandler):
         if self._mode != "json":
             self.outcome.streamed = self._mode == "sse"
             self._set_overhead()
-            # headers now, so clients see the stream open before the first event
+            # headers now, so clients see the stream open before the first event; and no Nagle delay
+            # between small events (Tornado turns it off only when a response finishes)
+            if self._mode == "sse":
+                self.request.connection.stream.set_nodelay(True)
             self.flush().add_done_callback(lambda f: f.exception())
 
     def _log_key_rejected(self) -> None:
