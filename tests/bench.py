@@ -39,6 +39,7 @@ class Server:
 class Bench:
     def __init__(self, args):
         self.args = args
+        self.gateways: list[Gateway] = []  # to drop their Postgres schemas at the end
         self.work = tempfile.mkdtemp(prefix="aipipe-bench-")
         two = (os.cpu_count() or 1) >= 2
         self.server_cpus, self.load_cpus, self.all_cpus = ("0", "1", "0,1") if two else (None, None, None)
@@ -73,7 +74,8 @@ class Bench:
             self.servers["litellm"] = Server(lite.port, lite.proc, path=PATHS["litellm"])
 
     def _gateway(self, name: str, cpus, processes: int) -> Server:
-        gw = Gateway(self.work, self.fake_port, cpus, processes, name)
+        gw = Gateway(self.work, self.fake_port, cpus, processes, name, store=self.args.store)
+        self.gateways.append(gw)
         return Server(gw.port, gw.proc, gw, "/openai/v1/chat/completions")
 
     def configure_upstream(self, events: int, interval: float) -> None:
@@ -192,6 +194,8 @@ def parse_args(argv=None):
     p.add_argument("--alt-tree", metavar="DIR", help="A/B: also run a gateway importing aipipe from DIR (an edited copy)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, SQLite files)")
     p.add_argument("--json", metavar="OUT", help="write every sample and the medians here")
+    p.add_argument("--store", metavar="URL", help="run the gateway on this postgresql:// database (a fresh schema) "
+                                                   "instead of SQLite, e.g. postgresql://postgres@127.0.0.1:5432/test")
     args = p.parse_args(argv)
     args.scenarios = args.scenarios.split(",")
     if args.quick:
@@ -218,6 +222,8 @@ def main(argv=None) -> dict:
         raise
     finally:
         stop_all()
+        for gw in bench.gateways:
+            gw.drop_schema()
         if not args.keep:
             shutil.rmtree(bench.work, ignore_errors=True)
     print(render_table(result["cases"]))

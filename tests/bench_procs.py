@@ -141,14 +141,17 @@ class Gateway:
     """`python -m aipipe serve` with SQLite in workdir, pointed at the fake upstream."""
 
     def __init__(self, workdir: str, upstream_port: int, cpus: str | None, processes: int = 1, name: str = "gateway",
-                 pythonpath: str | None = None):
+                 pythonpath: str | None = None, store: str | None = None):
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.db = os.path.join(self.dir, "aipipe.db")
+        self.pg = store  # a postgresql:// URL: the gateway gets a fresh schema of its own there
+        self.schema = f"bench_{os.getpid()}_{name.replace('-', '_')}"
+        url = f"{store}{'&' if '?' in store else '?'}schema={self.schema}" if store else f"sqlite:///{self.db}"
         self.port = free_port()
         config = os.path.join(self.dir, "config.toml")
         with open(config, "w") as f:
-            f.write(f'[storage]\nurl = "sqlite:///{self.db}"\n'
+            f.write(f'[storage]\nurl = "{url}"\n'
                     f'[budget]\n"*" = {{ limit = 1000000.0, days = 1 }}\n'
                     f'[limits]\nmax_concurrent_per_user = 2000\n'
                     f'[providers.openai]\nbase_url = "http://127.0.0.1:{upstream_port}"\n')
@@ -162,11 +165,23 @@ class Gateway:
         wait_http(self.port, "/usage", self.proc, 30, self.log)
 
     def ledger(self) -> tuple[int, int, float]:
-        """(max id, billed request rows, their cost) read straight from the SQLite file."""
+        """(max id, billed request rows, their cost) read straight from the database."""
+        table = f"{self.schema}.ledger" if self.pg else "ledger"
+        query = (f"SELECT COALESCE(MAX(id), 0), COUNT(*), COALESCE(SUM(cost), 0) FROM {table} "
+                 "WHERE kind = 'request' AND status = 200 AND cost > 0")
+        if self.pg:
+            out = subprocess.run(["psql", self.pg.split("?")[0], "-At", "-F", " ", "-c", query],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout.split()
+            return int(out[0]), int(out[1]), float(out[2])
         with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as db:
-            row = db.execute("SELECT COALESCE(MAX(id), 0), COUNT(*), COALESCE(SUM(cost), 0) FROM ledger "
-                             "WHERE kind = 'request' AND status = 200 AND cost > 0").fetchone()
+            row = db.execute(query).fetchone()
         return int(row[0]), int(row[1]), float(row[2])
+
+    def drop_schema(self) -> None:
+        """Remove the Postgres schema this gateway used (nothing to do for SQLite)."""
+        if self.pg:
+            subprocess.run(["psql", self.pg.split("?")[0], "-q", "-c", f"DROP SCHEMA IF EXISTS {self.schema} CASCADE"],
+                           capture_output=True, timeout=60)
 
     def settled(self, timeout: float = 15.0) -> tuple[int, float]:
         """Billed rows and cost once the ledger stops growing (the writer batches)."""
