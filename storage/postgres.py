@@ -179,35 +179,31 @@ class PostgresStore(Store):
             pool.terminate()
 
     @asynccontextmanager
-    async def _transaction(self):
-        """A pooled connection inside a transaction; database errors become StoreUnavailable."""
+    async def _connection(self):
+        """A pooled connection; database errors become StoreUnavailable."""
         if self._pool is None:
             raise StoreUnavailable("PostgreSQL store is closed")
         try:
             async with self._pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
-                async with conn.transaction():
-                    yield conn
+                yield conn
         except DB_ERRORS as e:
             raise unavailable(e) from e
+
+    @asynccontextmanager
+    async def _transaction(self):
+        """A pooled connection inside a transaction."""
+        async with self._connection() as conn:
+            async with conn.transaction():
+                yield conn
 
     async def _execute(self, query: str, *args) -> None:
         """One statement on its own (atomic by itself)."""
-        if self._pool is None:
-            raise StoreUnavailable("PostgreSQL store is closed")
-        try:
-            async with self._pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
-                await conn.execute(query, *args)
-        except DB_ERRORS as e:
-            raise unavailable(e) from e
+        async with self._connection() as conn:
+            await conn.execute(query, *args)
 
     async def _fetch(self, query: str, *args) -> list:
-        if self._pool is None:
-            raise StoreUnavailable("PostgreSQL store is closed")
-        try:
-            async with self._pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
-                return await conn.fetch(query, *args)
-        except DB_ERRORS as e:
-            raise unavailable(e) from e
+        async with self._connection() as conn:
+            return await conn.fetch(query, *args)
 
     async def reserve(self, requests: list[HoldRequest], now: float) -> list[Admission]:
         """Admit and hold each request in order; emails locked across instances for the transaction."""
