@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 PROVIDER_NAMES = ("openai", "openrouter", "gemini")
 PERIODS = ("day", "week", "month")
+CHOICES = {"storage.admission": ("auto", "store")}
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("storage.url", "sqlite:///aipipe.db", "sqlite:///relative.db, sqlite:////abs/path.db or postgresql://user:pass@host:port/db"),
     Setting("storage.pool_min", 1, "Postgres: connections kept open"),
     Setting("storage.pool_max", 10, "Postgres: most connections at once"),
+    Setting("storage.admission", "auto", '"auto": one process on an SQLite file keeps budgets in memory; '
+                                          '"store": every admission is a database transaction (to share one file)'),
     Setting("auth.admins", [], "Admin emails (merged with the ADMIN_EMAILS environment variable)"),
     Setting("auth.allow_native_keys", True, "Pass provider keys (sk-..., AIza...) straight through, untracked"),
     Setting("auth.token_cache_seconds", 60.0, "How long a verified token is remembered (salt changes need a restart anyway)"),
@@ -134,6 +137,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{key} must be a list of strings")
     elif isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{key} must be a string")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key} must be one of " + ", ".join(f'"{c}"' for c in CHOICES[key]))
     return value
 
 

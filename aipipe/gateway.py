@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from .auth import AuthError, Identity, TokenVerifier, is_native_key, token_from_headers
+from .books import Books
 from .budget import over_budget_message, today_utc, window_start
 from .config import Config
 from .errors import ApiError
@@ -39,36 +40,74 @@ class Outcome:
 class Gateway:
     """Everything a request handler needs, built once per server process."""
 
-    def __init__(self, config: Config, store: Store, prices: PriceTable | None = None, spool_path: str | None = None):
+    def __init__(self, config: Config, store: Store, prices: PriceTable | None = None, spool_path: str | None = None,
+                 processes: int = 1):
         self.config = config
         self.store = store
         self.prices = prices or PriceTable.shipped()
-        self.ledger = Ledger(store, spool_path=spool_path)
+        # budgets in memory when this process is the only one using an SQLite file (see aipipe/books.py)
+        in_memory = config.get("storage.admission") == "auto" and processes == 1 and store.single_file
+        self.ledger = Ledger(store, spool_path=spool_path, books=Books() if in_memory else None)
         self.verifier = TokenVerifier(config.secret, config.salts, config.get("auth.token_cache_seconds"))
         self.default_hold = config.get("limits.default_hold_usd")
         self.http = PooledHTTPClient(force_instance=True, max_clients=100_000, max_body_size=1 << 31)
         self._catalog: ModelCatalog | None = None
-        self._prune_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def books(self) -> Books | None:
+        """The in-memory budgets, when admission happens in memory."""
+        return self.ledger.books
 
     async def start(self) -> None:
-        """Start background work on the running loop: the ledger writer and hold pruning."""
+        """Claim the store, then start background work: the ledger writer and hold pruning."""
+        self.store.claim(exclusive=self.books is not None)
         self.ledger.start()
-        self._prune_task = asyncio.get_running_loop().create_task(self._prune_forever())
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._prune_forever()))
+        if self.books is not None:
+            await self.store.changed_elsewhere()  # the baseline later checks compare with
+            self._tasks.append(loop.create_task(self._watch_store()))
 
     async def close(self) -> None:
         """Write pending charges and stop background work."""
-        if self._prune_task:
-            self._prune_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.ledger.close()
         self.http.close()
 
     async def _prune_forever(self, every: float = 60.0) -> None:
         while True:
             await asyncio.sleep(every)
+            if self.books is not None:
+                self.books.prune(time.time())
+                continue
             try:
                 await self.store.prune(time.time())
             except Exception as e:
                 log.warning("pruning holds failed: %s", e)
+
+    async def _watch_store(self, every: float = 1.0) -> None:
+        """Memory mode: when another program (`aipipe set-cost`, say) wrote the file, re-read spend."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if await self.store.changed_elsewhere():
+                    self.books.forget_spend()
+            except Exception as e:
+                log.warning("checking the store for outside writes failed: %s", e)
+
+    async def held(self, email: str) -> float:
+        """USD held right now by email's requests in flight."""
+        if self.books is not None:
+            return self.books.held(email, time.time())
+        return await self.store.open_holds(email, time.time())
+
+    async def set_cost(self, email: str, day, cost: float) -> None:
+        """Overwrite one day's total (an admin correction) and make admission see it."""
+        await self.store.set_cost(email, day, cost, time.time())
+        if self.books is not None:
+            self.books.forget_spend(email)
 
     def identify(self, headers, allow_native: bool = True) -> Identity:
         """Who sent the request; 401 for missing or bad tokens."""

@@ -5,6 +5,9 @@ turns everything that piled up into one settle transaction and one reserve trans
 Settlements go first, so a request that finished counts against the very next admission.
 A settlement is never dropped: if the store is down it is retried until the store is back,
 and at shutdown whatever could not be written is spooled to a file and replayed at start.
+
+With `books` (a server that is the only writer of its SQLite file), admission is decided in
+memory and only a user's first request waits for the writer, which reads their spend.
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import date
 
+from .books import Books
 from .storage import Admission, Charge, HoldRequest, Store, StoreUnavailable
 
 log = logging.getLogger("aipipe.ledger")
@@ -25,8 +29,11 @@ MAX_BATCH = 512
 class Ledger:
     """Batches reservations and settlements into few transactions."""
 
-    def __init__(self, store: Store, spool_path: str | None = None, retry_seconds: float = 1.0):
+    def __init__(self, store: Store, spool_path: str | None = None, retry_seconds: float = 1.0,
+                 books: Books | None = None):
         self.store = store
+        self.books = books
+        self._loads: list[tuple[HoldRequest, asyncio.Future]] = []  # memory mode: users whose spend is not read yet
         self.spool_path = spool_path
         self.retry_seconds = retry_seconds
         self._reserves: list[tuple[HoldRequest, asyncio.Future]] = []
@@ -37,6 +44,7 @@ class Ledger:
         self._closing = False
         self._settle_after = 0.0  # monotonic time before which a failed settle is not retried
         self._down_until = 0.0  # admissions fail at once until then, after the store failed one
+        self._settle_failing = False  # the last attempt to write charges failed
 
     def start(self) -> None:
         """Start the writer task on the running loop, replaying any spooled charges first."""
@@ -49,14 +57,26 @@ class Ledger:
         """Admit (or refuse) one request; raises StoreUnavailable when the store is down."""
         if time.monotonic() < self._down_until:  # don't make every caller wait out a dead connection
             raise StoreUnavailable("store was unavailable a moment ago")
+        books = self.books
+        if books is not None:
+            if self._settle_failing:  # charges are piling up unwritten: admit no more until they land
+                raise StoreUnavailable("charges could not be written")
+            if books.ready(request):
+                return books.admit(request, time.time())
         fut = asyncio.get_running_loop().create_future()
-        self._reserves.append((request, fut))
+        (self._reserves if books is None else self._loads).append((request, fut))
         self._wake.set()
         return await fut
 
     def settle(self, charge: Charge) -> asyncio.Future:
         """Queue a charge; the returned future resolves once it is committed (awaiting it is optional)."""
         fut = asyncio.get_running_loop().create_future()
+        if self.books is not None:
+            self.books.settle(charge)
+            if charge.kind == "release":  # the hold lived only in memory: nothing to write
+                fut.set_result(None)
+                return fut
+            charge = replace(charge, hold_id=None)
         self._settles.append(charge)
         self._settled_waiters.append(fut)
         self._wake.set()
@@ -73,7 +93,10 @@ class Ledger:
             self._wake.clear()
             due = self._closing or time.monotonic() >= self._settle_after
             written = await self._write_settles() if due else False
+            if due:
+                self._settle_failing = not written
             await self._write_reserves()
+            await self._load_books()
             if self._closing and (not written or not self._settles):
                 return  # at shutdown, what the store will not take is spooled by close()
             if due and not written:  # store down: charges wait for one retry a while later, not one per request
@@ -117,6 +140,24 @@ class Ledger:
                     self.settle(Charge(email=admission_email(live, f), day=date.today(), cost=0.0,
                                        hold_id=admission.hold_id, kind="release"))
 
+    async def _load_books(self) -> None:
+        """Memory mode: read the spend of users seen for the first time, then admit their requests."""
+        while self._loads:
+            request, fut = self._loads.pop(0)
+            if fut.done():
+                continue
+            if not self.books.ready(request):
+                try:
+                    daily = await self.store.daily_usage(request.email, request.since)
+                except Exception as e:
+                    self._down_until = time.monotonic() + self.retry_seconds
+                    fut.set_exception(e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e)))
+                    continue
+                # no await since the read: what is still queued was not in the store when it was read
+                self.books.load(request.email, request.since, daily, self._settles)
+            if not fut.done():
+                fut.set_result(self.books.admit(request, time.time()))
+
     async def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (waiting at most timeout), spool the rest, and stop."""
         self._closing = True
@@ -129,7 +170,7 @@ class Ledger:
         if self._settles:
             self._write_spool(self._settles)
             self._settles = []
-        for _, f in self._reserves:
+        for _, f in self._reserves + self._loads:
             if not f.done():
                 f.set_exception(StoreUnavailable("server is shutting down"))
 

@@ -44,7 +44,7 @@ def _install_fast_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: Config, sockets, spool_path: str) -> None:
+async def _serve(config: Config, sockets, spool_path: str, processes: int) -> None:
     try:
         store = await open_store(config.get("storage.url"), config.get("storage.pool_min"), config.get("storage.pool_max"))
     except StoreConfigError as e:
@@ -52,8 +52,13 @@ async def _serve(config: Config, sockets, spool_path: str) -> None:
         raise SystemExit(1) from None
     sockname = sockets[0].getsockname()
     log.info("AI Pipe listening on http://%s:%d (storage %s)", sockname[0], sockname[1], mask_url(config.get("storage.url")))
-    gateway = Gateway(config, store, spool_path=spool_path)
-    await gateway.start()
+    gateway = Gateway(config, store, spool_path=spool_path, processes=processes)
+    try:
+        await gateway.start()
+    except StoreConfigError as e:
+        log.error("%s", e)
+        await store.close()
+        raise SystemExit(1) from None
     server = tornado.httpserver.HTTPServer(make_app(gateway), xheaders=config.get("server.xheaders"),
                                           max_body_size=256 * 1024 * 1024)
     server.add_sockets(sockets)
@@ -81,6 +86,6 @@ def run(config: Config, host: str, port: int, processes: int = 1) -> None:
     spool = os.path.abspath(f"aipipe-unsettled{'' if task_id is None else f'-{task_id}'}.jsonl")
     _install_fast_loop()
     try:
-        asyncio.run(_serve(config, sockets, spool))
+        asyncio.run(_serve(config, sockets, spool, processes))
     except KeyboardInterrupt:
         sys.exit(0)

@@ -57,6 +57,7 @@ class Store:
     """Async storage for budgets, holds and the cost ledger. All money is USD."""
 
     url: str = ""
+    single_file: bool = False  # a file on this machine: a server that is its only user may keep budgets in memory
 
     async def setup(self) -> None:
         """Create or migrate the schema (safe to run from several processes at once)."""
@@ -65,6 +66,13 @@ class Store:
     async def close(self) -> None:
         """Release connections."""
         raise NotImplementedError
+
+    def claim(self, exclusive: bool) -> None:
+        """Register this server as the store's only user (exclusive) or one of several; StoreConfigError if taken."""
+
+    async def changed_elsewhere(self) -> bool:
+        """Whether another connection has written since the last call."""
+        return True
 
     async def reserve(self, requests: list[HoldRequest], now: float) -> list[Admission]:
         """Admit and hold each request in order, atomically, in one transaction."""

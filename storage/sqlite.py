@@ -8,6 +8,7 @@ so the event loop never blocks and transactions of one store never interleave.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import secrets
 import sqlite3
 from datetime import date
@@ -50,10 +51,14 @@ def ledger_row(c: Charge) -> tuple:
 class SQLiteStore(Store):
     """Budgets, holds and the ledger in one SQLite file."""
 
+    single_file = True
+
     def __init__(self, path: str):
         self.path = path
         self.url = f"sqlite:///{path}"
         self._db: aiosqlite.Connection | None = None
+        self._lock = None  # open lock file while claimed
+        self._data_version: int | None = None
 
     async def setup(self) -> None:
         """Open the file (WAL, NORMAL sync) and apply pending migrations."""
@@ -76,10 +81,37 @@ class SQLiteStore(Store):
                 await asyncio.sleep(0.1)
 
     async def close(self) -> None:
-        """Close the connection."""
+        """Close the connection and give up any claim."""
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops its flock
+            self._lock = None
+
+    def claim(self, exclusive: bool) -> None:
+        """Lock `<file>.lock`: exclusively for a server keeping budgets in memory, shared for the others."""
+        if self.path == ":memory:" or self._lock is not None:
+            return
+        from . import StoreConfigError
+
+        lock = open(self.path + ".lock", "a")
+        try:
+            fcntl.flock(lock, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            who = "another AI Pipe server" if exclusive else "an AI Pipe server that keeps budgets in memory"
+            raise StoreConfigError(f"{self.path} is already used by {who}: to share one file, run every server "
+                                   'on it with storage.admission = "store" (or use PostgreSQL)') from None
+        self._lock = lock
+
+    async def changed_elsewhere(self) -> bool:
+        """Whether another connection (another process) committed since the last call: PRAGMA data_version."""
+        rows = await self._conn().execute_fetchall("PRAGMA data_version")
+        version = rows[0][0]
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return changed
 
     def _conn(self) -> aiosqlite.Connection:
         if self._db is None:

@@ -98,14 +98,17 @@ def make_gateway(io_loop, upstream, store_url):
     made = []
 
     async def make(env: dict | None = None, **sections) -> Gateway:
-        data = base_config(upstream.url, store_url)
+        # A lone server keeps an SQLite file's budgets in memory and locks the file, so each gateway
+        # of a test gets a file of its own unless the test names one.
+        url = store_url if not made or not store_url.startswith("sqlite") else store_url.replace(".db", f"-{len(made)}.db")
+        data = base_config(upstream.url, url)
         for section, values in sections.items():
             data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
         config = build_config(data, {**ENV, **(env or {})})
         store = await open_store(config.get("storage.url"))
         gw = Gateway(config, store)
+        made.append(gw)  # closed at teardown even if start() refuses
         await gw.start()
-        made.append(gw)
         return gw
 
     yield make

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from datetime import date
 
 from ..auth import mint_token
@@ -91,5 +90,5 @@ class AdminHandler(ApiHandler):
             raise ApiError(400, "cost must be a number of USD")
         if cost < 0:
             raise ApiError(400, "cost must not be negative")
-        await self.gw.store.set_cost(email, day, float(cost), time.time())
+        await self.gw.set_cost(email, day, float(cost))
         self.send_json({"message": f"Cost for {email} on {day.isoformat()} set to {cost}"})

@@ -1,7 +1,6 @@
 """GET /usage: the caller's spend per day over their budget window (or ?days=N)."""
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 from ..budget import resets_at, today_utc, window_days, window_start
@@ -43,7 +42,7 @@ class UsageHandler(ApiHandler):
         shown = today - timedelta(days=days - 1)
         try:
             rows = dict(await self.gw.store.daily_usage(email, since))
-            holds = await self.gw.store.open_holds(email, time.time())
+            holds = await self.gw.held(email)
             models = await self.gw.store.usage_by_model(email, shown) if self.get_query_argument("by", "") == "model" else None
         except StoreUnavailable:
             raise ApiError(503, "Usage store unavailable, try again shortly") from None

@@ -1,0 +1,104 @@
+"""Budget state held in memory, for a server that is the only writer of its SQLite file.
+
+With one process owning the database, the in-memory view of each user's spend, open holds and
+recent requests is complete, so a request can be admitted without a database round trip. The
+same rules decide as in the database (storage.base.decide_batch); only where the numbers come
+from differs. Spend is read from the store once per user (by the ledger's writer, so charges
+still queued are counted exactly once) and kept current as charges are queued; holds never
+leave memory, since a restart ends every request they belonged to.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from datetime import date
+
+from .storage import Admission, Charge, HoldRequest
+from .storage.base import RATE_WINDOW, UserState, decide_batch
+
+
+class Book:
+    """One user's spend per UTC day, open holds and recent admissions."""
+
+    __slots__ = ("days", "since", "holds", "recent")
+
+    def __init__(self) -> None:
+        self.days: dict[str, float] = {}  # YYYY-MM-DD -> settled cost
+        self.since: str | None = None  # days from this one on are loaded; None: spend must be (re)read
+        self.holds: dict[int, tuple[float, float]] = {}  # hold id -> (amount, expires)
+        self.recent: deque[float] = deque()  # admission times, oldest first
+
+    def tidy(self, now: float) -> None:
+        """Drop expired holds and admissions older than the rate window."""
+        if any(expires <= now for _, expires in self.holds.values()):
+            self.holds = {i: h for i, h in self.holds.items() if h[1] > now}
+        while self.recent and self.recent[0] <= now - RATE_WINDOW:
+            self.recent.popleft()
+
+
+class Books:
+    """Every user's Book, and admission against them."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, Book] = {}
+        self._ids = itertools.count(1)
+
+    def ready(self, request: HoldRequest) -> bool:
+        """Whether the user's spend since request.since is in memory."""
+        book = self.users.get(request.email)
+        return book is not None and book.since is not None and book.since <= request.since.isoformat()
+
+    def admit(self, request: HoldRequest, now: float) -> Admission:
+        """Decide one request (its user's book must be ready) and hold its amount if admitted."""
+        book = self.users[request.email]
+        book.tidy(now)
+        state = UserState(daily=list(book.days.items()), held=sum(a for a, _ in book.holds.values()),
+                          inflight=len(book.holds), recent=list(book.recent))
+        [admission], rows = decide_batch([request], {request.email: state}, now, lambda: next(self._ids))
+        for hold_id, _, amount, created, expires in rows:
+            book.holds[hold_id] = (amount, expires)
+            book.recent.append(created)
+        return admission
+
+    def load(self, email: str, since: date, daily: list[tuple[str, float]], unwritten: list[Charge]) -> None:
+        """Set a user's spend from the store's daily totals plus charges queued but not yet written."""
+        book = self.users.setdefault(email, Book())
+        book.since = since.isoformat()
+        book.days = {d: c for d, c in daily if d >= book.since}
+        for charge in unwritten:
+            if charge.email == email:
+                self._add_cost(book, charge)
+
+    def settle(self, charge: Charge) -> None:
+        """Release the charge's hold and add its cost to the user's day."""
+        book = self.users.get(charge.email)
+        if book is None:
+            return
+        if charge.hold_id is not None:
+            book.holds.pop(charge.hold_id, None)
+        if book.since is not None:
+            self._add_cost(book, charge)
+
+    @staticmethod
+    def _add_cost(book: Book, charge: Charge) -> None:
+        day = charge.day.isoformat()
+        if charge.kind != "release" and charge.cost and day >= book.since:
+            book.days[day] = book.days.get(day, 0.0) + charge.cost
+
+    def forget_spend(self, email: str | None = None) -> None:
+        """Make the next admission re-read spend from the store (one user, or everyone); holds stay."""
+        for book in ([self.users[email]] if email in self.users else []) if email else self.users.values():
+            book.since = None
+
+    def held(self, email: str, now: float) -> float:
+        """USD held by the user's requests in flight."""
+        book = self.users.get(email)
+        return sum(a for a, expires in book.holds.values() if expires > now) if book else 0.0
+
+    def prune(self, now: float) -> None:
+        """Forget users with no request in flight or in the rate window (their spend is re-read when they return)."""
+        for email in list(self.users):
+            book = self.users[email]
+            book.tidy(now)
+            if not book.holds and not book.recent:
+                del self.users[email]

@@ -1,0 +1,159 @@
+"""A lone server on an SQLite file admits from memory: same budget rules, no database round trip per request."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from datetime import date, timedelta
+
+import pytest
+
+from aipipe.books import Books
+from aipipe.budget import today_utc
+from aipipe.ledger import Ledger
+from aipipe.storage import Charge, HoldRequest, StoreConfigError, StoreUnavailable, open_store
+
+from .conftest import token
+from .helpers import chat, message
+
+TODAY = date(2026, 1, 10)
+
+
+def request(amount=0.01, limit=1.0, email="m@example.com", **kw) -> HoldRequest:
+    return HoldRequest(email=email, amount=amount, since=TODAY - timedelta(days=6), limit=limit, **kw)
+
+
+def charge(cost: float, hold_id=None, email="m@example.com", day=TODAY, kind="request") -> Charge:
+    return Charge(email=email, day=day, cost=cost, hold_id=hold_id, kind=kind, provider="openai", model="m", ts=time.time())
+
+
+def test_books_apply_the_store_rules_to_the_cent():
+    books, now = Books(), 1000.0
+    books.load("m@example.com", TODAY - timedelta(days=6), [((TODAY - timedelta(days=7)).isoformat(), 5.0),
+                                                            (TODAY.isoformat(), 0.97)], [])
+    first = books.admit(request(amount=0.02), now)
+    assert first.hold_id is not None and first.spent == pytest.approx(0.97) and first.held == 0
+    second = books.admit(request(amount=0.02), now)  # 0.97 spent + 0.02 held < 1.00
+    assert second.hold_id is not None and second.held == pytest.approx(0.02)
+    refused = books.admit(request(amount=0.02), now)  # 0.97 + 0.04 >= 1.00
+    assert refused.refused == "budget" and refused.spent + refused.held == pytest.approx(1.01)
+    books.settle(charge(0.0, hold_id=first.hold_id, kind="release"))
+    books.settle(charge(0.015, hold_id=second.hold_id))
+    assert books.held("m@example.com", now) == 0
+    assert books.admit(request(), now).spent == pytest.approx(0.985)  # the day before the window never counted
+
+
+def test_books_concurrency_rate_and_hold_expiry():
+    books, now = Books(), 1000.0
+    books.load("m@example.com", TODAY, [], [])
+    a = books.admit(request(max_inflight=1, hold_seconds=10), now)
+    assert books.admit(request(max_inflight=1), now).refused == "concurrency"
+    assert books.admit(request(max_inflight=1), now + 11).hold_id is not None  # the first hold expired
+    assert books.held("m@example.com", now + 11) == pytest.approx(0.01)
+    books.settle(charge(0.0, hold_id=a.hold_id, kind="release"))
+    limited = [books.admit(request(rpm=3), now + 100) for _ in range(3)]
+    assert all(x.hold_id for x in limited)
+    refused = books.admit(request(rpm=3), now + 130)  # 3 admissions in the last minute already
+    assert refused.refused == "rate" and refused.retry_after == 30
+    assert books.admit(request(rpm=3), now + 161).hold_id is not None
+
+
+@pytest.mark.gen_test
+async def test_first_admission_counts_queued_charges_exactly_once(tmp_path):
+    """A user's spend is read by the writer: charges written and charges still queued are each counted once."""
+    store = await open_store(f"sqlite:///{tmp_path}/m.db")
+    spool = tmp_path / "unsettled.jsonl"
+    row = {**charge(0.40).__dict__, "day": TODAY.isoformat()}
+    spool.write_text(json.dumps(row) + "\n")
+    await store.settle([charge(0.35)])  # already in the file before the server starts
+    ledger = Ledger(store, spool_path=str(spool), books=Books())
+    ledger.start()  # the spooled 0.40 is queued for writing
+    try:
+        admission = await asyncio.wait_for(ledger.reserve(request(limit=1.0)), 5)
+        assert admission.spent == pytest.approx(0.75)
+        ledger.settle(charge(0.25, hold_id=admission.hold_id))
+        refused = await ledger.reserve(request(limit=1.0))  # 1.00 of 1.00: out of budget, with no round trip
+        assert refused.refused == "budget" and refused.spent == pytest.approx(1.0)
+    finally:
+        await ledger.close()
+    assert await store.spend("m@example.com", TODAY) == pytest.approx(1.0)
+    assert await store.open_holds("m@example.com", 0) == 0  # holds never touched the file
+    await store.close()
+
+
+@pytest.mark.gen_test
+async def test_memory_mode_refuses_admissions_while_charges_cannot_be_written(tmp_path):
+    from .test_ledger import FlakyStore
+
+    store = FlakyStore(await open_store(f"sqlite:///{tmp_path}/m.db"))
+    ledger = Ledger(store, retry_seconds=0.05, books=Books())
+    ledger.start()
+    try:
+        admission = await ledger.reserve(request())
+        store.down = True
+        done = ledger.settle(charge(0.1, hold_id=admission.hold_id))
+        await asyncio.sleep(0.1)
+        with pytest.raises(StoreUnavailable):
+            await ledger.reserve(request())
+        store.down = False
+        await asyncio.wait_for(done, 2)
+        await asyncio.sleep(0.1)
+        assert (await ledger.reserve(request())).spent == pytest.approx(0.1)
+    finally:
+        await ledger.close()
+        await store.close()
+
+
+@pytest.mark.gen_test
+async def test_one_file_one_memory_server(tmp_path, make_gateway):
+    url = f"sqlite:///{tmp_path}/shared.db"
+    gw = await make_gateway(storage={"url": url})
+    assert gw.books is not None
+    with pytest.raises(StoreConfigError, match="already used by another AI Pipe server"):
+        await make_gateway(storage={"url": url})
+    with pytest.raises(StoreConfigError, match="keeps budgets in memory"):
+        await make_gateway(storage={"url": url, "admission": "store"})
+
+
+@pytest.mark.gen_test
+async def test_store_mode_servers_share_a_file(tmp_path, make_gateway):
+    url = f"sqlite:///{tmp_path}/shared.db"
+    a = await make_gateway(storage={"url": url, "admission": "store"})
+    b = await make_gateway(storage={"url": url, "admission": "store"})
+    assert a.books is None and b.books is None
+    with pytest.raises(StoreConfigError, match="already used"):
+        await make_gateway(storage={"url": url})  # auto would keep budgets in memory: refused
+
+
+@pytest.mark.gen_test
+async def test_admin_correction_applies_to_the_next_request(make_gateway, serve, call, store_url):
+    gw = await make_gateway()
+    url = serve(gw)
+    user = token("fix@example.com")
+    assert (await call(url + "/openai/v1/chat/completions", "POST", json=chat(), token=user)).code == 200
+    r = await call(url + "/admin/cost", "POST", token=token("admin@example.com"),
+                   json={"email": "fix@example.com", "date": today_utc().isoformat(), "cost": 1.0})
+    assert r.code == 200
+    r = await call(url + "/openai/v1/chat/completions", "POST", json=chat(), token=user)
+    assert r.code == 429 and message(r).startswith("Usage $1 / $1")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_write_from_another_program_is_seen_within_seconds(tmp_path, make_gateway, serve, call):
+    path = tmp_path / "outside.db"
+    gw = await make_gateway(storage={"url": f"sqlite:///{path}"})
+    url = serve(gw)
+    user = token("cli@example.com")
+    assert (await call(url + "/openai/v1/chat/completions", "POST", json=chat(), token=user)).code == 200
+    with sqlite3.connect(path) as db:  # what `aipipe set-cost` does, from another process
+        db.execute("INSERT INTO usage (email, date, cost) VALUES (?, ?, 5.0) ON CONFLICT (email, date) "
+                   "DO UPDATE SET cost = 5.0", ("cli@example.com", today_utc().isoformat()))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        r = await call(url + "/openai/v1/chat/completions", "POST", json=chat(), token=user)
+        if r.code == 429:
+            break
+        await asyncio.sleep(0.2)
+    # requests admitted before the write was noticed were billed on top of the 5.00
+    assert r.code == 429 and message(r).startswith("Usage $5.0") and message(r).endswith("/ $1 in 7 days")
