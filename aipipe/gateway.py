@@ -105,6 +105,7 @@ class Gateway:
 
     async def set_cost(self, email: str, day, cost: float) -> None:
         """Overwrite one day's total (an admin correction) and make admission see it."""
+        await self.ledger.flush()  # charges already made are part of what the new total replaces
         await self.store.set_cost(email, day, cost, time.time())
         if self.books is not None:
             self.books.forget_spend(email)

@@ -24,6 +24,7 @@ from .storage import Admission, Charge, HoldRequest, Store, StoreUnavailable
 
 log = logging.getLogger("aipipe.ledger")
 MAX_BATCH = 512
+LINGER = 0.01  # memory mode: seconds charges wait to be written with the ones that follow
 
 
 class Ledger:
@@ -82,6 +83,15 @@ class Ledger:
         self._wake.set()
         return fut
 
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every charge queued so far is written; StoreUnavailable if that takes longer than timeout."""
+        waiters = list(self._settled_waiters)
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*waiters), timeout)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable("pending charges could not be written") from None
+
     @property
     def pending(self) -> int:
         """Charges not yet committed."""
@@ -90,6 +100,8 @@ class Ledger:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            if self.books is not None and not (self._closing or self._loads) and len(self._settles) < MAX_BATCH:
+                await asyncio.sleep(LINGER)  # nobody waits on these writes: one transaction for many charges
             self._wake.clear()
             due = self._closing or time.monotonic() >= self._settle_after
             written = await self._write_settles() if due else False
