@@ -9,8 +9,8 @@ leave memory, since a restart ends every request they belonged to.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
-from collections import deque
 from datetime import date
 
 from .storage import Admission, Charge, HoldRequest
@@ -26,14 +26,14 @@ class Book:
         self.days: dict[str, float] = {}  # YYYY-MM-DD -> settled cost
         self.since: str | None = None  # days from this one on are loaded; None: spend must be (re)read
         self.holds: dict[int, tuple[float, float]] = {}  # hold id -> (amount, expires)
-        self.recent: deque[float] = deque()  # admission times, oldest first
+        self.recent: list[float] = []  # admission times in the rate window, oldest first (with a rate limit)
 
     def tidy(self, now: float) -> None:
         """Drop expired holds and admissions older than the rate window."""
         if any(expires <= now for _, expires in self.holds.values()):
             self.holds = {i: h for i, h in self.holds.items() if h[1] > now}
-        while self.recent and self.recent[0] <= now - RATE_WINDOW:
-            self.recent.popleft()
+        if self.recent and self.recent[0] <= now - RATE_WINDOW:
+            self.recent = self.recent[bisect.bisect_right(self.recent, now - RATE_WINDOW):]
 
 
 class Books:
@@ -52,12 +52,14 @@ class Books:
         """Decide one request (its user's book must be ready) and hold its amount if admitted."""
         book = self.users[request.email]
         book.tidy(now)
-        state = UserState(daily=list(book.days.items()), held=sum(a for a, _ in book.holds.values()),
-                          inflight=len(book.holds), recent=list(book.recent))
-        [admission], rows = decide_batch([request], {request.email: state}, now, lambda: next(self._ids))
+        # admission times are only kept when a rate limit needs them
+        state = UserState(daily=book.days.items(), held=sum(a for a, _ in book.holds.values()),
+                          inflight=len(book.holds), recent=book.recent if request.rpm else None)
+        [admission], rows = decide_batch([request], {request.email: state}, now, self._ids.__next__)
         for hold_id, _, amount, created, expires in rows:
             book.holds[hold_id] = (amount, expires)
-            book.recent.append(created)
+            if request.rpm:
+                book.recent.append(created)
         return admission
 
     def load(self, email: str, since: date, daily: list[tuple[str, float]], unwritten: list[Charge]) -> None:

@@ -50,6 +50,8 @@ class Gateway:
         self.ledger = Ledger(store, spool_path=spool_path, books=Books() if in_memory else None)
         self.verifier = TokenVerifier(config.secret, config.salts, config.get("auth.token_cache_seconds"))
         self.default_hold = config.get("limits.default_hold_usd")
+        self._max_inflight, self._rpm, self._hold_seconds = (
+            config.get("limits.max_concurrent_per_user"), config.get("limits.rpm_per_user"), config.get("limits.hold_seconds"))
         self.http = PooledHTTPClient(force_instance=True, max_clients=100_000, max_body_size=1 << 31)
         self._catalog: ModelCatalog | None = None
         self._tasks: list[asyncio.Task] = []
@@ -144,10 +146,8 @@ class Gateway:
     async def admit(self, email: str, hold: float) -> Admission:
         """Check budget, concurrency and rate, and hold `hold` USD; 429 or 503 when refused."""
         budget = self.config.budget_for(email)
-        c = self.config
         request = HoldRequest(email=email, amount=hold, since=window_start(budget, today_utc()), limit=budget.limit,
-                              max_inflight=c.get("limits.max_concurrent_per_user"), rpm=c.get("limits.rpm_per_user"),
-                              hold_seconds=c.get("limits.hold_seconds"))
+                              max_inflight=self._max_inflight, rpm=self._rpm, hold_seconds=self._hold_seconds)
         try:
             admission = await self.ledger.reserve(request)
         except StoreUnavailable as e:

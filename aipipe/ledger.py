@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import date
 
 from .books import Books
@@ -77,7 +77,7 @@ class Ledger:
             if charge.kind == "release":  # the hold lived only in memory: nothing to write
                 fut.set_result(None)
                 return fut
-            charge = replace(charge, hold_id=None)
+            charge.hold_id = None  # not a row in the store
         self._settles.append(charge)
         self._settled_waiters.append(fut)
         self._wake.set()

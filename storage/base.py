@@ -9,7 +9,7 @@ class StoreUnavailable(RuntimeError):
     """The database cannot be reached right now; callers answer 503 and retry later."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HoldRequest:
     """Ask to admit one request for `email` and hold `amount` USD of budget while it runs."""
 
@@ -22,7 +22,7 @@ class HoldRequest:
     hold_seconds: float = 600.0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Admission:
     """The answer to a HoldRequest: a hold id when admitted, else why not."""
 
@@ -33,7 +33,7 @@ class Admission:
     retry_after: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built for every request, and frozen dataclasses are slow to build
 class Charge:
     """A finished request: its ledger row, and the hold it releases."""
 

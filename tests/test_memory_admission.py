@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import time
@@ -64,7 +65,7 @@ async def test_first_admission_counts_queued_charges_exactly_once(tmp_path):
     """A user's spend is read by the writer: charges written and charges still queued are each counted once."""
     store = await open_store(f"sqlite:///{tmp_path}/m.db")
     spool = tmp_path / "unsettled.jsonl"
-    row = {**charge(0.40).__dict__, "day": TODAY.isoformat()}
+    row = {**dataclasses.asdict(charge(0.40)), "day": TODAY.isoformat()}
     spool.write_text(json.dumps(row) + "\n")
     await store.settle([charge(0.35)])  # already in the file before the server starts
     ledger = Ledger(store, spool_path=str(spool), books=Books())

@@ -41,6 +41,7 @@ class UsageHandler(ApiHandler):
         since = min(start, today - timedelta(days=days - 1))
         shown = today - timedelta(days=days - 1)
         try:
+            await self.gw.ledger.flush()  # a call that just finished shows in the usage it asks for next
             rows = dict(await self.gw.store.daily_usage(email, since))
             holds = await self.gw.held(email)
             models = await self.gw.store.usage_by_model(email, shown) if self.get_query_argument("by", "") == "model" else None
