@@ -119,8 +119,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def toml_config(storage_url: str, upstream_url: str, limits: dict, budgets: dict) -> str:
-    lines = ["[storage]", f'url = "{storage_url}"', "pool_min = 1", "pool_max = 5", "",
+def toml_config(storage_url: str, upstream_url: str, limits: dict, budgets: dict, admission: str = "auto") -> str:
+    lines = ["[storage]", f'url = "{storage_url}"', "pool_min = 1", "pool_max = 5", f'admission = "{admission}"', "",
              "[auth]", 'admins = ["admin@example.com"]', "", "[budget]"]
     lines += [f'"{who}" = {{ limit = {b["limit"]}, days = {b["days"]} }}' for who, b in budgets.items()]
     lines += ["", "[providers.openai]", f'base_url = "{upstream_url}"',
@@ -137,9 +137,9 @@ class Instances:
         self.procs: list[subprocess.Popen] = []
         self.bases: list[str] = []
 
-    async def start(self, upstream_url: str, limits: dict, budgets: dict, n: int = 2) -> list[str]:
+    async def start(self, upstream_url: str, limits: dict, budgets: dict, n: int = 2, admission: str = "auto") -> list[str]:
         config = self.tmp / "aipipe.toml"
-        config.write_text(toml_config(self.storage_url, upstream_url, limits, budgets))
+        config.write_text(toml_config(self.storage_url, upstream_url, limits, budgets, admission))
         env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
         for i in range(n):
             port = free_port()
@@ -300,3 +300,39 @@ async def test_admin_cost_takes_effect_at_once_on_the_other_instance(instances, 
     rows = await pg_store.ledger(user, limit=100)
     assert sorted(r["kind"] for r in rows) == ["adjust", "adjust", "request", "request"]
     assert await pg_store.spend(user, today_utc()) == pytest.approx(sum(r["cost"] for r in rows))
+
+
+# --- (c) two server processes on one SQLite file ---------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=90)
+async def test_burst_across_two_servers_sharing_one_sqlite_file_never_overspends(tmp_path, upstream, client):
+    url = f"sqlite:///{tmp_path}/shared.db"
+    inst = Instances(tmp_path, url)
+    try:
+        bases = await inst.start(upstream.url, {"max_concurrent_per_user": 0},
+                                 {"*": {"limit": 1.0, "days": 7}, USER: {"limit": 0.05, "days": 1}}, admission="store")
+        store = await open_store(url)
+        await store.set_cost(USER, today_utc(), 0.05 - 0.0001, time.time())
+        upstream.state.delay = 0.3
+        responses = await client.burst(bases, USER)
+        ok = sum(r.code == 200 for r in responses)
+        await wait_written(store, USER, ok)
+        got = await check_burst(store, responses, USER, 0.05, 0.05 - 0.0001)
+        assert got["ok"] == 1  # one default hold's worth for both servers together
+        await store.close()
+    finally:
+        await inst.astop()
+    assert [p.returncode for p in inst.procs] == [0, 0], inst.logs()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_second_server_on_a_file_another_keeps_in_memory_refuses_to_start(tmp_path, upstream):
+    inst = Instances(tmp_path, f"sqlite:///{tmp_path}/one.db")
+    try:
+        with pytest.raises(AssertionError, match="already used by another AI Pipe server"):
+            await inst.start(upstream.url, {}, {"*": {"limit": 1.0, "days": 7}})
+        await asyncio.sleep(0.5)
+        codes = sorted((p.poll() for p in inst.procs), key=str)
+        assert codes == [1, None]  # whichever came second exited; the other keeps serving
+    finally:
+        await inst.astop()
