@@ -158,3 +158,20 @@ async def test_a_write_from_another_program_is_seen_within_seconds(tmp_path, mak
         await asyncio.sleep(0.2)
     # requests admitted before the write was noticed were billed on top of the 5.00
     assert r.code == 429 and message(r).startswith("Usage $5.0") and message(r).endswith("/ $1 in 7 days")
+
+
+def test_idle_users_are_forgotten_and_reread_holds_survive_a_reread():
+    books, now = Books(), 1000.0
+    books.load("m@example.com", TODAY, [(TODAY.isoformat(), 0.5)], [])
+    busy = books.admit(request(amount=0.2), now)
+    books.forget_spend()  # another program wrote the file: spend is read again, the hold in flight still counts
+    assert not books.ready(request())
+    books.load("m@example.com", TODAY, [(TODAY.isoformat(), 0.7)], [])
+    again = books.admit(request(amount=0.2), now)
+    assert again.spent == pytest.approx(0.7) and again.held == pytest.approx(0.2)
+    books.prune(now + 1)
+    assert "m@example.com" in books.users  # requests in flight: kept
+    for a in (busy, again):
+        books.settle(charge(0.0, hold_id=a.hold_id, kind="release"))
+    books.prune(now + 1)
+    assert "m@example.com" not in books.users and not books.ready(request())
