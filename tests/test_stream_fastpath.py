@@ -10,7 +10,8 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tornado.httpclient import HTTPRequest
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.iostream import StreamClosedError, UnsatisfiableReadError
 from tornado.httputil import HTTPInputError
 
 from aipipe.gateway import Outcome
@@ -280,3 +281,128 @@ async def test_connection_with_bytes_after_the_answer_is_not_reused(make_gateway
     assert provider.connections == 2
     assert await spent(gw, "stray@example.com") == pytest.approx(2 * MINI, abs=1e-12)
     provider.server.close()
+
+
+# -- the direct exchange against Tornado's client, on the same scripted answers -------------------------------------
+
+GZIPPED = __import__("gzip").compress(b'{"usage":{"prompt_tokens":1}}' * 50)
+ANSWERS = {
+    "length": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"a\": true}",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\nX-A: 2\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    "gzip": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(GZIPPED), GZIPPED),
+    "until-close": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it",
+    "continue": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+    "no-content": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "http10": b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "dup-length": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+    "bad-length": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok",
+    "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "both": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "huge-head": b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70000 + b"\r\nContent-Length: 2\r\n\r\nok",
+    "cut": b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nonly ten..",
+    "silent": b"",
+}
+
+
+class Scripted:
+    """A provider on a raw socket answering each request with ANSWERS[path], or not at all ("silent")."""
+
+    async def start(self) -> str:
+        self.connections = 0
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serve(self, reader, writer) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                name = head.split(b" ")[1].decode().lstrip("/")
+                if name == "silent":
+                    await asyncio.sleep(5)
+                writer.write(ANSWERS[name])
+                await writer.drain()
+                if name in ("until-close", "cut", "http10"):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def fetch_both_ways(client, base: str, name: str, method: str = "POST") -> list:
+    from aipipe.upstream import UpstreamRequest
+    seen = []
+    for direct in (True, False):
+        heads, body = [], []
+        request = UpstreamRequest(f"{base}/{name}", direct=direct, method=method,
+                                  body=b"{}" if method == "POST" else None,
+                                  headers={"Connection": "keep-alive", "Content-Type": "application/json"},
+                                  on_response_start=lambda line, headers: heads.append(
+                                      (line.code, sorted(headers.get_all()))),
+                                  streaming_callback=body.append, decompress_response=True, request_timeout=0.5,
+                                  follow_redirects=False, allow_nonstandard_methods=True)
+        try:
+            response = await client.fetch(request, raise_error=False)
+            code, error = response.code, response.error if response.code == 599 else None
+        except (OSError, HTTPClientError, StreamClosedError, UnsatisfiableReadError) as e:  # Tornado's raises some
+            code, error = 599, e
+        seen.append((code, heads, b"".join(body), type(error).__name__ if error else None,
+                     "timeout" in str(error).lower()))
+    return seen
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("name", sorted(ANSWERS))
+async def test_direct_exchange_answers_as_tornados_client_does(name):
+    from aipipe.upstream import PooledHTTPClient
+    provider = Scripted()
+    base = await provider.start()
+    client = PooledHTTPClient(force_instance=True, max_body_size=1 << 31)
+    try:
+        direct, tornado_client = await fetch_both_ways(client, base, name)
+        if name in ("bad-length", "bad-chunk", "both", "huge-head", "cut"):
+            assert direct[0] == tornado_client[0] == 599 and direct[3] and tornado_client[3]  # errors both ways
+            direct, tornado_client = direct[:2], tornado_client[:2]
+        assert direct == tornado_client
+        if name == "gzip":
+            assert direct[2] == __import__("gzip").decompress(GZIPPED)
+        if name == "silent":
+            assert direct[4] and direct[0] == 599
+        head_only = await fetch_both_ways(client, base, "length", method="HEAD")
+        assert head_only[0][:3] == head_only[1][:3] and head_only[0][2] == b""
+    finally:
+        client.close()
+        provider.server.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_direct_exchange_reuses_connections_only_when_the_answer_allows():
+    from aipipe.upstream import PooledHTTPClient
+    provider = Scripted()
+    base = await provider.start()
+    client = PooledHTTPClient(force_instance=True, max_body_size=1 << 31)
+    try:
+        for name in ("length", "chunked", "gzip", "length"):
+            await fetch_both_ways(client, base, name)
+        assert provider.connections == 1
+        await fetch_both_ways(client, base, "until-close")  # the pooled one, then a new one: each ends with the answer
+        await fetch_both_ways(client, base, "length")
+        assert provider.connections == 3
+    finally:
+        client.close()
+        provider.server.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_direct_exchange_reports_refused_connections():
+    from aipipe.upstream import PooledHTTPClient, UpstreamRequest
+    import tornado.testing
+    sock, port = tornado.testing.bind_unused_port()
+    sock.close()
+    client = PooledHTTPClient(force_instance=True)
+    response = await client.fetch(UpstreamRequest(f"http://127.0.0.1:{port}/x", headers={}), raise_error=False)
+    client.close()
+    assert response.code == 599 and isinstance(response.error, OSError)
