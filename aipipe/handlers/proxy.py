@@ -5,20 +5,23 @@ as they arrive, with a slow reader slowing the upstream read instead of growing 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 
 import orjson
-from tornado.httpclient import HTTPClientError, HTTPRequest
-from tornado.httputil import HTTPHeaders
+from tornado.httpclient import HTTPClientError
+from tornado.httputil import HTTPHeaders, ResponseStartLine
 from tornado.iostream import StreamClosedError
 
 from ..errors import ApiError
 from ..gateway import Outcome
 from ..providers import PROVIDERS
 from ..providers.base import Call, streamed_estimate
-from ..sse import Event, SSEParser
-from ..usage import read_usage
+from ..sse import EventSplitter, data_length, event_data, one_data_line, simple_data_length, split_events
+from ..upstream import UpstreamRequest
+from ..usage import Usage, read_usage
 from .base import ApiHandler
 
 log = logging.getLogger("aipipe.proxy")
@@ -29,6 +32,7 @@ DROP_RESPONSE_HEADERS = frozenset({
     "openai-organization", "openai-project", "x-consumed-content-encoding",
 })
 KEY_REJECTED = "provider credentials misconfigured"
+_NAMED_USAGE = re.compile(rb'"usage"(?!:null)')
 
 
 def is_closed_connection(error) -> bool:
@@ -37,12 +41,64 @@ def is_closed_connection(error) -> bool:
         isinstance(error, HTTPClientError) and error.code == 599 and "closed" in str(error).lower())
 
 
-def usage_only(event: Event) -> bool:
+def _usage_data(raw: bytes) -> bytes | None:
+    """The event's data if it may report usage: it names usage, and not as OpenAI's "usage":null."""
+    if b"usage" not in raw or (b'"usage":null' in raw and one_data_line(raw)):
+        return None  # most events: no JSON to parse
+    data = event_data(raw)
+    return data if b"usage" in data and b'"usage":null' not in data else None
+
+
+def event_usage(raw: bytes) -> Usage | None:
+    """Usage reported by one raw event (OpenAI's usage or Gemini's usageMetadata), else None."""
+    data = _usage_data(raw)
+    if data is None:
+        return None
+    try:
+        return read_usage(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def may_report_usage(region: bytes, length: int | None) -> bool:
+    """Whether any of region's events may report usage. Not the usual chunk: one `data:` line (`length`
+    is known) that names usage only as "usage":null, or not at all. Telling takes a scan or two, no parsing."""
+    mentions = region.count(b"usage")
+    return mentions != 0 and (length is None or mentions != region.count(b'"usage":null'))
+
+
+def survey(region: bytes) -> tuple[int | None, bool]:
+    """simple_data_length(region) and may_report_usage(region)."""
+    length = simple_data_length(region)
+    return length, may_report_usage(region, length)
+
+
+def first_maybe_usage_only(region: bytes, simple: bool) -> int:
+    """Where the first event of region that may_be_usage_only starts (len(region) if none): in a region of
+    one-line events (`simple`), the one naming "usage" other than as "usage":null; otherwise, to be safe, 0."""
+    if not simple:
+        return 0
+    named = _NAMED_USAGE.search(region) if b'"choices"' in region else None
+    if named is None:
+        return len(region)
+    before = region.rfind(b"\n\n", 0, named.start())
+    return before + 2 if before >= 0 else 0
+
+
+def may_be_usage_only(raw: bytes) -> bool:
+    """Cheap test on raw bytes: the event could be the usage-only chunk (never false for one that is)."""
+    return b'"choices"' in raw and b'"usage"' in raw and not (b'"usage":null' in raw and one_data_line(raw))
+
+
+def usage_only(raw: bytes) -> bool:
     """The chunk OpenAI adds for include_usage: usage and an empty choices list."""
-    if b'"choices"' not in event.data or b'"usage"' not in event.data or b'"usage":null' in event.data:
+    if not may_be_usage_only(raw):
+        return False
+    data = event_data(raw)
+    if b'"choices"' not in data or b'"usage"' not in data or b'"usage":null' in data:
         return False
     try:
-        obj = orjson.loads(event.data)
+        obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return False
     return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
@@ -91,16 +147,15 @@ class ProviderHandler(ApiHandler):
 
     async def _forward(self, key: str) -> None:
         call = self.call
-        self._lines: list[str] = []
         self._mode = ""  # "sse" | "json" | "raw" | "reject", decided from the upstream's Content-Type
-        self._json = bytearray()
-        self._sse = SSEParser()
+        self._json: list[bytes] = []
+        self._events = EventSplitter()
         self._client_gone = False
-        request = HTTPRequest(
+        request = UpstreamRequest(
             self.provider.target_url(self.gw.config.providers[self.provider_name].base_url, call),
             method=call.method, headers=self.provider.forward_headers(call, key),
             body=call.body if call.method in ("POST", "PUT", "PATCH") or call.body else None,
-            header_callback=self._on_header_line, streaming_callback=self._on_chunk,
+            on_response_start=self._on_response_start, streaming_callback=self._on_chunk,
             follow_redirects=False, allow_nonstandard_methods=True, decompress_response=True,
             connect_timeout=min(30.0, self.gw.config.get("limits.upstream_timeout")),
             request_timeout=self.gw.config.get("limits.upstream_timeout"))
@@ -112,7 +167,7 @@ class ProviderHandler(ApiHandler):
             except (OSError, HTTPClientError, StreamClosedError) as e:  # raise_error=False still raises these
                 error = e
             # A reused connection the provider closed just then fails before any answer: try once more.
-            if not (attempt == 1 and not self._mode and self._lines == [] and is_closed_connection(error)):
+            if not (attempt == 1 and not self._mode and is_closed_connection(error)):
                 break
         if error is not None and not self._mode:
             raise self._connection_error(error)
@@ -126,14 +181,9 @@ class ProviderHandler(ApiHandler):
             return ApiError(504, f"{self.provider_name} did not answer in time")
         return ApiError(502, f"Could not reach {self.provider_name}: {text}")
 
-    def _on_header_line(self, line: str) -> None:
-        if line != "\r\n":
-            self._lines.append(line)
-            return
-        start_line = self._lines[0].strip().split(" ", 2)
-        status, reason = int(start_line[1]), (start_line[2] if len(start_line) > 2 else None)
-        headers = HTTPHeaders.parse("".join(self._lines[1:]))
-        self._lines = []
+    def _on_response_start(self, start_line: ResponseStartLine, headers: HTTPHeaders) -> None:
+        """The upstream's status line and headers, as the client parsed them."""
+        status, reason = start_line.code, start_line.reason
         if 100 <= status < 200:
             return
         self.outcome.status = status
@@ -149,10 +199,15 @@ class ProviderHandler(ApiHandler):
         if self._mode != "json":
             self.outcome.streamed = self._mode == "sse"
             self._set_overhead()
-            # headers now, so clients see the stream open before the first event; and no Nagle delay
-            # between small events (Tornado turns it off only when a response finishes)
+            # no Nagle delay between small events (Tornado turns it off only when a response finishes)
             if self._mode == "sse":
                 self.request.connection.stream.set_nodelay(True)
+            # Headers go with the first bytes of the body when those were read with them (one write, one
+            # packet), or on their own an event-loop turn later, so clients see the stream open at once.
+            asyncio.get_running_loop().call_soon(self._open_answer)
+
+    def _open_answer(self) -> None:
+        if not self._headers_written and not self._finished and not self._client_gone:
             self.flush().add_done_callback(lambda f: f.exception())
 
     def _log_key_rejected(self) -> None:
@@ -165,38 +220,70 @@ class ProviderHandler(ApiHandler):
 
     async def _on_chunk(self, chunk: bytes) -> None:
         mode = self._mode
-        if mode == "json":
-            self._json += chunk
-        elif mode == "sse":
-            events = self._sse.feed(chunk)
-            self._read_events(events)
-            if self.call.strip_usage_chunk:
-                chunk = b"".join(e.raw for e in events if not usage_only(e))
-            await self._send(chunk)
+        if mode == "sse":
+            await self._relay_events(chunk)
+        elif mode == "json":
+            self._json.append(chunk)
         elif mode == "raw":
             self.outcome.output_bytes += len(chunk)
-            await self._send(chunk)
+            await self._sent(self._send(chunk))
 
-    def _read_events(self, events: list[Event]) -> None:
-        for event in events:
-            self.outcome.output_bytes += len(event.data)
-            # covers Gemini's usageMetadata; keep the last one seen. OpenAI's chunks say "usage":null until
-            # the last: skip parsing those.
-            if b"usage" in event.data and b'"usage":null' not in event.data:
-                try:
-                    usage = read_usage(orjson.loads(event.data))
-                except orjson.JSONDecodeError:
-                    continue
+    async def _relay_events(self, chunk: bytes) -> None:
+        """Pass a read of an event stream on, then read it for usage (the bytes do not wait for that)."""
+        region = self._events.feed(chunk)  # the events this read completes, unparsed
+        if not self.call.strip_usage_chunk:
+            sending = self._send(chunk)  # partial events too: the splitter keeps its own copy
+            if region:
+                self._read_events(region, *survey(region))
+            await self._sent(sending)
+            return
+        # Only whole events leave, as any might be the usage chunk to hide.
+        if not region:
+            await self._sent(self._send(b""))
+            return
+        length = simple_data_length(region)
+        start = first_maybe_usage_only(region, length is not None)
+        sending = self._send(region[:start] if start < len(region) else region)  # before any parsing
+        self._read_events(region, length, may_report_usage(region, length))
+        if start < len(region):
+            rest = b"".join(raw for raw in split_events(region[start:]) if not usage_only(raw))
+            if rest:
+                await self._sent(sending)
+                sending = self._send(rest)
+        await self._sent(sending)
+
+    def _read_events(self, region: bytes, length: int | None, may_report: bool) -> None:
+        """Count the data of region's events and keep the last usage they report (Gemini repeats usageMetadata)."""
+        events = None
+        if length is None:
+            events = split_events(region)
+            length = sum(map(data_length, events))
+        self.outcome.output_bytes += length
+        if may_report:
+            for raw in reversed(events or split_events(region)):
+                usage = event_usage(raw)
                 if usage is not None:
                     self.outcome.usage = usage
+                    return
 
-    async def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes):
+        """Write data and flush now; the returned future (None once the client left) is done when it is out."""
         if self._client_gone:
-            return
+            return None
         try:
             if data:
                 self.write(data)
-            await self.flush()
+            return self.flush()
+        except StreamClosedError:
+            self._client_gone = self.outcome.aborted = True
+            return None
+
+    async def _sent(self, sending) -> None:
+        """Wait for a _send to drain, so a slow reader slows the upstream read rather than growing memory."""
+        if sending is None:
+            return
+        try:
+            await sending
         except StreamClosedError:
             self._client_gone = self.outcome.aborted = True
 
@@ -210,17 +297,22 @@ class ProviderHandler(ApiHandler):
         if self._mode == "reject":
             raise ApiError(502, KEY_REJECTED)
         if self._mode == "sse":
-            rest = self._sse.flush()
-            self._read_events(rest)
-            if self.call.strip_usage_chunk:
-                await self._send(b"".join(e.raw for e in rest if not usage_only(e)))
+            await self._finish_events()
         elif self._mode == "json":
             self._finish_json()
         if not self._client_gone:
             self.finish()
 
+    async def _finish_events(self) -> None:
+        """A last event the stream ended without a blank line after: read it, and pass it on if held back."""
+        rest = self._events.flush()
+        if rest:
+            self._read_events(rest, *survey(rest))
+            if self.call.strip_usage_chunk and not usage_only(rest):
+                await self._sent(self._send(rest))
+
     def _finish_json(self) -> None:
-        body = bytes(self._json)
+        body = b"".join(self._json)
         if not self.native and self.provider.rejects_operator_key(self.outcome.status, body):
             self._log_key_rejected()
             raise ApiError(502, KEY_REJECTED)

@@ -1,0 +1,454 @@
+"""The relay's fast path: chunked answers decoded a read at a time, events passed on before they are read,
+and the same bytes, output count and usage as reading every event in full would give."""
+from __future__ import annotations
+
+import asyncio
+import re
+from types import SimpleNamespace
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.iostream import StreamClosedError, UnsatisfiableReadError
+from tornado.httputil import HTTPInputError
+
+from aipipe.gateway import Outcome
+from aipipe.handlers.proxy import ProviderHandler
+from aipipe.sse import EventSplitter, data_length, parse_event, simple_data_length, split_events
+from aipipe.upstream import ChunkedDecoder, _plain
+from aipipe.usage import read_usage
+
+from .conftest import token
+from .helpers import chat, spent
+
+MINI = 12 * 0.15e-6 + 7 * 0.6e-6  # gpt-4o-mini, 12 prompt and 7 completion tokens
+
+
+# -- a reference: every event parsed in full, as the relay did before the fast path ---------------------------
+
+END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def reference_events(buf: bytes) -> tuple[list[bytes], bytes]:
+    events, start = [], 0
+    for m in END.finditer(buf):
+        events.append(buf[start:m.end()])
+        start = m.end()
+    return events, buf[start:]
+
+
+def reference_usage_only(data: bytes) -> bool:
+    if b'"choices"' not in data or b'"usage"' not in data or b'"usage":null' in data:
+        return False
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+
+
+def reference_relay(pieces: list[bytes], strip: bool) -> tuple[bytes, int, object]:
+    out, count, usage, held = [], 0, None, b""
+
+    def read(raws):
+        nonlocal count, usage
+        kept = []
+        for raw in raws:
+            data = parse_event(raw).data
+            count += len(data)
+            if b"usage" in data and b'"usage":null' not in data:
+                try:
+                    found = read_usage(orjson.loads(data))
+                except orjson.JSONDecodeError:
+                    found = None
+                usage = found or usage
+            if not reference_usage_only(data):
+                kept.append(raw)
+        return b"".join(kept)
+
+    for piece in pieces:
+        events, held = reference_events(held + piece)
+        kept = read(events)
+        out.append(kept if strip else piece)
+    if held.strip():
+        kept = read([held])
+        if strip:
+            out.append(kept)
+    return b"".join(out), count, usage
+
+
+class Relay:
+    """ProviderHandler's event relay without Tornado: what it sends, counts and finds."""
+
+    _relay_events = ProviderHandler._relay_events
+    _read_events = ProviderHandler._read_events
+    _finish_events = ProviderHandler._finish_events
+
+    def __init__(self, strip: bool):
+        self.call = SimpleNamespace(strip_usage_chunk=strip)
+        self.outcome, self._events, self.sent = Outcome(), EventSplitter(), []
+
+    def _send(self, data: bytes):
+        self.sent.append(data)
+        return None
+
+    async def _sent(self, sending) -> None:
+        pass
+
+    def run(self, pieces: list[bytes]) -> tuple[bytes, int, object]:
+        async def go():
+            for piece in pieces:
+                await self._relay_events(piece)
+            await self._finish_events()
+        asyncio.run(go())
+        return b"".join(self.sent), self.outcome.output_bytes, self.outcome.usage
+
+
+def delta(text: str, usage_null: bool) -> bytes:
+    obj = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}]}
+    return orjson.dumps({**obj, "usage": None} if usage_null else obj)
+
+
+USAGE = {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
+EVENTS = st.sampled_from([
+    b"data: " + delta("hé ✓ 你好", True),
+    b"data: " + delta("tok", True),
+    b"data:" + delta("no space", True),
+    b"data: " + delta("tok", False),
+    b"data: " + delta("talks about usage", True),
+    b"data: " + orjson.dumps({"id": "c", "choices": [], "usage": USAGE}),
+    b"data: " + orjson.dumps({"id": "c", "choices": [{"delta": {}}], "usage": {**USAGE, "completion_tokens": 9}}),
+    b"data: " + orjson.dumps({"candidates": [{"content": {}}], "usageMetadata": {"promptTokenCount": 3,
+                                                                                "candidatesTokenCount": 4}}),
+    b"event: response.completed\ndata: " + orjson.dumps({"response": {"usage": {"input_tokens": 5, "output_tokens": 6}}}),
+    b"data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":1}}",  # usage-only, on two data lines
+    b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3}}',  # spaced, as Python writes it
+    b": keep-alive",
+    b": \"usage\":null",
+    b"data: {\"usage\": broken json",
+    b"data: [DONE]",
+    b"",
+])
+SEPARATORS = st.sampled_from([b"\n\n", b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\n\n"])
+
+
+@st.composite
+def streams(draw):
+    events = draw(st.lists(st.tuples(EVENTS, SEPARATORS), max_size=12))
+    crlf = draw(st.booleans())
+    body = b"".join((e.replace(b"\n", b"\r\n") if crlf and sep == b"\r\n\r\n" else e) + sep for e, sep in events)
+    if draw(st.booleans()):
+        body += draw(EVENTS)  # ends without a blank line
+    cuts = sorted(set(draw(st.lists(st.integers(0, len(body)), max_size=8))))
+    return [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)])]
+
+
+@settings(max_examples=400, deadline=None)
+@given(streams(), st.booleans())
+def test_relay_sends_counts_and_bills_as_reading_every_event_would(pieces, strip):
+    assert Relay(strip).run(pieces) == reference_relay(pieces, strip)
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams())
+def test_splitter_and_lengths_agree_with_parsing(pieces):
+    splitter, found = EventSplitter(), []
+    for piece in pieces:
+        region = splitter.feed(piece)
+        found += split_events(region)
+        length = simple_data_length(region)
+        if length is not None:
+            assert length == sum(len(parse_event(raw).data) for raw in split_events(region))
+    events, rest = reference_events(b"".join(pieces))
+    assert found == events and splitter.pending == rest
+    assert [data_length(raw) for raw in events] == [len(parse_event(raw).data) for raw in events]
+
+
+def test_usual_read_is_counted_without_splitting_it():
+    region = b"".join(b"data: " + delta("tok", True) + b"\n\n" for _ in range(50))
+    assert simple_data_length(region) == 50 * len(delta("tok", True))
+    assert simple_data_length(region + b": ping\n\n") is None
+    assert simple_data_length(region.replace(b"\n\n", b"\r\n\r\n")) is None
+
+
+# -- chunked transfer coding ---------------------------------------------------------------------------------------
+
+def chunked(payloads: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads) + b"0\r\n\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=50), max_size=8), st.lists(st.integers(0, 500), max_size=10),
+       st.sampled_from([b"", b"HTTP/1.1 200 OK"]))
+def test_chunked_decoder_gives_the_payload_however_reads_are_cut(payloads, cuts, after):
+    wire = chunked(payloads) + after
+    cuts = sorted({c for c in cuts if c <= len(wire)})
+    decoder, out = ChunkedDecoder(1 << 20), []
+    for a, b in zip([0] + cuts, cuts + [len(wire)]):
+        out.append(decoder.feed(wire[a:b]))
+    assert b"".join(out) == b"".join(payloads)
+    assert decoder.done and decoder.leftover == after
+
+
+@pytest.mark.parametrize("wire", [b"zz\r\n", b"3\r\nabcXY", b"0\r\nX-Trailer: 1\r\n\r\n", b"+3\r\nabc\r\n",
+                                  b"3;ext=1\r\nabc\r\n", b"1" * 70])
+def test_chunked_decoder_refuses_what_tornado_refuses(wire):
+    with pytest.raises(HTTPInputError):
+        ChunkedDecoder(1 << 20).feed(wire)
+
+
+def test_chunked_decoder_enforces_the_body_limit():
+    with pytest.raises(HTTPInputError):
+        ChunkedDecoder(10).feed(b"6\r\nabcdef\r\n6\r\n")
+
+
+# -- over the network ----------------------------------------------------------------------------------------------
+
+class HeldStream:
+    """A provider on a raw socket: answers a chat stream with three events, holds the rest until released."""
+
+    def __init__(self, after: bytes = b""):
+        self.release, self.connections, self.after = asyncio.Event(), 0, after
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serve(self, reader, writer) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                await reader.readexactly(length)
+                self.release.clear()
+                first = b"".join(b"data: " + delta(w, True) + b"\n\n" for w in ("one ", "two ", "three"))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             + b"%x\r\n%s\r\n" % (len(first), first))
+                await writer.drain()
+                await asyncio.wait_for(self.release.wait(), 10)
+                last = b"data: " + orjson.dumps({"id": "c", "choices": [], "usage": USAGE}) + b"\n\ndata: [DONE]\n\n"
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last) + self.after)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+async def stream_through(base: str, t: str, provider: HeldStream) -> bytes:
+    got = []
+    request = HTTPRequest(base + "/openai/v1/chat/completions", method="POST", body=orjson.dumps(chat(stream=True)),
+                          headers={"Authorization": f"Bearer {t}", "Content-Type": "application/json"},
+                          streaming_callback=got.append, request_timeout=20)
+    from tornado.httpclient import AsyncHTTPClient
+    client = AsyncHTTPClient(force_instance=True)
+    fetch = asyncio.ensure_future(client.fetch(request, raise_error=False))
+    for _ in range(500):  # bounded: the first events must arrive while the provider holds the rest
+        if b"three" in b"".join(got) or fetch.done():
+            break
+        await asyncio.sleep(0.01)
+    assert b"three" in b"".join(got) and not provider.release.is_set()
+    provider.release.set()
+    response = await fetch
+    client.close()
+    assert response.code == 200
+    return b"".join(got)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_events_leave_as_they_arrive_and_the_stream_is_billed(make_gateway, serve, monkeypatch):
+    import aipipe.upstream
+    sent_directly = []
+    real_exchange = aipipe.upstream.exchange
+    monkeypatch.setattr(aipipe.upstream, "exchange", lambda *a: sent_directly.append(1) or real_exchange(*a))
+    provider = HeldStream()
+    gw = await make_gateway(providers={"openai": {"base_url": await provider.start()}})
+    base, t = serve(gw), token("held@example.com")
+    for _ in range(2):
+        body = await stream_through(base, t, provider)
+        assert b'"choices":[]' not in body and body.endswith(b"data: [DONE]\n\n")  # the usage chunk we asked for
+    assert provider.connections == 1  # and the connection was reused
+    assert len(sent_directly) == 2  # the proxy's requests go by exchange
+    assert await spent(gw, "held@example.com") == pytest.approx(2 * MINI, abs=1e-12)
+    provider.server.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_connection_with_bytes_after_the_answer_is_not_reused(make_gateway, serve):
+    provider = HeldStream(after=b"HTTP/1.1 200 OK\r\n")
+    gw = await make_gateway(providers={"openai": {"base_url": await provider.start()}})
+    base, t = serve(gw), token("stray@example.com")
+    for _ in range(2):
+        await stream_through(base, t, provider)
+    assert provider.connections == 2
+    assert await spent(gw, "stray@example.com") == pytest.approx(2 * MINI, abs=1e-12)
+    provider.server.close()
+
+
+# -- the direct exchange against Tornado's client, on the same scripted answers -------------------------------------
+
+GZIPPED = __import__("gzip").compress(b'{"usage":{"prompt_tokens":1}}' * 50)
+ANSWERS = {
+    "length": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"a\": true}",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\nX-A: 2\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    "gzip": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(GZIPPED), GZIPPED),
+    "until-close": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it",
+    "continue": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+    "no-content": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "http10": b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "dup-length": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+    "bad-length": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok",
+    "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "both": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "huge-head": b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70000 + b"\r\nContent-Length: 2\r\n\r\nok",
+    "cut": b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nonly ten..",
+    "silent": b"",
+}
+
+
+class Scripted:
+    """A provider on a raw socket answering each request with ANSWERS[path], or not at all ("silent")."""
+
+    async def start(self) -> str:
+        self.connections = 0
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serve(self, reader, writer) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                name = head.split(b" ")[1].decode().lstrip("/")
+                if name == "silent":
+                    await asyncio.sleep(5)
+                writer.write(ANSWERS[name])
+                await writer.drain()
+                if name in ("until-close", "cut", "http10"):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def fetch_both_ways(client, base: str, name: str, method: str = "POST") -> list:
+    from aipipe.upstream import UpstreamRequest
+    seen = []
+    for direct in (True, False):
+        heads, body = [], []
+        request = UpstreamRequest(f"{base}/{name}", direct=direct, method=method,
+                                  body=b"{}" if method == "POST" else None,
+                                  headers={"Connection": "keep-alive", "Content-Type": "application/json"},
+                                  on_response_start=lambda line, headers: heads.append(
+                                      (line.code, sorted(headers.get_all()))),
+                                  streaming_callback=body.append, decompress_response=True, request_timeout=0.5,
+                                  follow_redirects=False, allow_nonstandard_methods=True)
+        assert _plain(request)
+        try:
+            response = await client.fetch(request, raise_error=False)
+            code, error = response.code, response.error if response.code == 599 else None
+        except (OSError, HTTPClientError, StreamClosedError, UnsatisfiableReadError) as e:  # Tornado's raises some
+            code, error = 599, e
+        seen.append((code, heads, b"".join(body), type(error).__name__ if error else None,
+                     "timeout" in str(error).lower()))
+    return seen
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("name", sorted(ANSWERS))
+async def test_direct_exchange_answers_as_tornados_client_does(name):
+    from aipipe.upstream import PooledHTTPClient
+    provider = Scripted()
+    base = await provider.start()
+    client = PooledHTTPClient(force_instance=True, max_body_size=1 << 31)
+    try:
+        direct, tornado_client = await fetch_both_ways(client, base, name)
+        if name in ("bad-length", "bad-chunk", "both", "huge-head", "cut"):
+            assert direct[0] == tornado_client[0] == 599 and direct[3] and tornado_client[3]  # errors both ways
+            direct, tornado_client = direct[:2], tornado_client[:2]
+        assert direct == tornado_client
+        if name == "gzip":
+            assert direct[2] == __import__("gzip").decompress(GZIPPED)
+        if name == "silent":
+            assert direct[4] and direct[0] == 599
+        head_only = await fetch_both_ways(client, base, "length", method="HEAD")
+        assert head_only[0][:3] == head_only[1][:3] and head_only[0][2] == b""
+    finally:
+        client.close()
+        provider.server.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_direct_exchange_reuses_connections_only_when_the_answer_allows():
+    from aipipe.upstream import PooledHTTPClient
+    provider = Scripted()
+    base = await provider.start()
+    client = PooledHTTPClient(force_instance=True, max_body_size=1 << 31)
+    try:
+        for name in ("length", "chunked", "gzip", "length"):
+            await fetch_both_ways(client, base, name)
+        assert provider.connections == 1
+        await fetch_both_ways(client, base, "until-close")  # the pooled one, then a new one: each ends with the answer
+        await fetch_both_ways(client, base, "length")
+        assert provider.connections == 3
+    finally:
+        client.close()
+        provider.server.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_direct_exchange_reports_refused_connections():
+    from aipipe.upstream import PooledHTTPClient, UpstreamRequest
+    import tornado.testing
+    sock, port = tornado.testing.bind_unused_port()
+    sock.close()
+    client = PooledHTTPClient(force_instance=True)
+    request = UpstreamRequest(f"http://127.0.0.1:{port}/x", headers={}, follow_redirects=False,
+                              allow_nonstandard_methods=True)
+    assert _plain(request)
+    response = await client.fetch(request, raise_error=False)
+    client.close()
+    assert response.code == 599 and isinstance(response.error, OSError)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_direct_exchange_reads_no_further_until_the_consumer_has_taken_a_piece():
+    """Backpressure: while streaming_callback's awaitable is pending (a slow client), nothing more is read."""
+    from aipipe.upstream import PooledHTTPClient, UpstreamRequest
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    gate, got = asyncio.get_running_loop().create_future(), []
+
+    def take(data):
+        got.append(data)
+        return gate if len(got) == 1 else None
+
+    client = PooledHTTPClient(force_instance=True)
+    request = UpstreamRequest(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", method="GET",
+                              headers={"Connection": "keep-alive"}, streaming_callback=take,
+                              follow_redirects=False, allow_nonstandard_methods=True)
+    assert _plain(request)  # so exchange sends it
+    fetch = asyncio.ensure_future(client.fetch(request, raise_error=False))
+    await asyncio.sleep(0.3)
+    assert got == [b"first"] and not fetch.done()
+    gate.set_result(None)
+    response = await fetch
+    assert response.code == 200 and got == [b"first", b"second"]
+    client.close()
+    server.close()
