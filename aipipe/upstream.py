@@ -41,7 +41,6 @@ log = logging.getLogger("aipipe.upstream")
 IDLE_SECONDS = 20.0  # providers close idle connections after a minute or more; stay well inside that
 MAX_IDLE_PER_HOST = 64
 MAX_SIZE_LINE = 64  # bytes, CRLF included, as Tornado allows
-DEFAULT_TIMEOUT = 20.0  # seconds, Tornado's default connect and request timeouts
 CHUNK_SIZE = 65536  # bytes read at most at once, as Tornado's default
 YIELD_EVERY = 256 * 1024  # bytes read back to back before letting other callbacks run
 EXPECTED_ERRORS = (OSError, StreamClosedError, HTTPClientError, HTTPInputError, UnsatisfiableReadError)
@@ -259,10 +258,9 @@ class PooledHTTPClient(SimpleAsyncHTTPClient):
         self.tcp_client = PooledTCPClient(resolver=self.resolver)
 
     def fetch(self, request, raise_error: bool = True, **kwargs):
-        """For an UpstreamRequest that needs nothing exchange leaves out (credentials in the URL, TLS or proxy
-        settings, redirects): `exchange`, as a coroutine (so awaiting it costs no extra turn of the event
-        loop) that never raises for HTTP errors. Anything else: Tornado's client."""
-        if isinstance(request, UpstreamRequest) and request.direct and _plain(request):
+        """For an UpstreamRequest to an http(s) URL without credentials in it: `exchange`, as a coroutine (so
+        awaiting it costs no extra turn of the event loop) that never raises for HTTP errors."""
+        if isinstance(request, UpstreamRequest) and request.direct and _target(request.url) is not None:
             return exchange(self, request)
         return super().fetch(request, raise_error=raise_error, **kwargs)
 
@@ -294,15 +292,6 @@ def _target(url: str) -> tuple[str, int, bool, str, str] | None:
     return host, port, parts.scheme == "https", parts.netloc, target
 
 
-def _plain(request: HTTPRequest) -> bool:
-    """The request is one exchange sends as Tornado's client would (the proxy's are)."""
-    return (_target(request.url) is not None and request.follow_redirects is False
-            and request.allow_nonstandard_methods and request.ssl_options is None
-            and request.validate_cert in (None, True) and not (request.ca_certs or request.client_cert)
-            and not (request.proxy_host or request.network_interface or request.auth_username)
-            and not request.expect_100_continue and request.body_producer is None)
-
-
 def _request_head(request: UpstreamRequest, host_header: str, target: str) -> bytes:
     """The request line and headers, with what Tornado's client would add."""
     headers = request.headers
@@ -319,7 +308,7 @@ def _request_head(request: UpstreamRequest, host_header: str, target: str) -> by
         lines.append(f"Content-Length: {len(request.body)}")
     if request.method == "POST" and "content-type" not in names:
         lines.append("Content-Type: application/x-www-form-urlencoded")
-    if request.decompress_response is not False:  # Tornado's default
+    if request.decompress_response:
         lines.append("Accept-Encoding: gzip")
     head = "\r\n".join(lines)
     if "\n" in head.replace("\r\n", "") or "\r" in head.replace("\r\n", ""):
@@ -339,9 +328,7 @@ async def exchange(client: PooledHTTPClient, request: UpstreamRequest) -> Upstre
     try:
         host, port, https, host_header, target = _target(request.url)
         head = _request_head(request, host_header, target)
-        connect_timeout, request_timeout = (DEFAULT_TIMEOUT if t is None else t
-                                            for t in (request.connect_timeout, request.request_timeout))
-        limits = [t for t in (connect_timeout, request_timeout) if t]
+        limits = [t for t in (request.connect_timeout, request.request_timeout) if t]
         try:
             stream = await client.tcp_client.connect(
                 host, port, ssl_options=_tls_defaults() if https else None,
@@ -351,12 +338,12 @@ async def exchange(client: PooledHTTPClient, request: UpstreamRequest) -> Upstre
         if not getattr(stream, "nodelay", False):
             stream.set_nodelay(True)
             stream.nodelay = True
-        if request_timeout:
+        if request.request_timeout:
             def expire() -> None:
                 nonlocal timed_out
                 timed_out = "Timeout during request"
                 stream.close()
-            timer = loop.call_at(started + request_timeout, expire)
+            timer = loop.call_at(started + request.request_timeout, expire)
         body = request.body
         if body and len(body) > 65536:
             stream.write(head)
@@ -402,7 +389,7 @@ async def _read_answer(client: PooledHTTPClient, request: UpstreamRequest, strea
     code = answer.code = start_line.code
     answer.reason, answer.headers = start_line.reason, headers
     gunzip = None
-    if request.decompress_response is not False and headers.get("Content-Encoding", "").lower() == "gzip":
+    if request.decompress_response and headers.get("Content-Encoding", "").lower() == "gzip":
         gunzip = GzipDecompressor()
         headers.add("X-Consumed-Content-Encoding", headers["Content-Encoding"])
         del headers["Content-Encoding"]
