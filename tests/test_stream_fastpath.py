@@ -406,38 +406,3 @@ async def test_direct_exchange_reports_refused_connections():
     response = await client.fetch(UpstreamRequest(f"http://127.0.0.1:{port}/x", headers={}), raise_error=False)
     client.close()
     assert response.code == 599 and isinstance(response.error, OSError)
-
-
-@pytest.mark.gen_test(timeout=30)
-async def test_direct_exchange_reads_no_further_until_the_consumer_has_taken_a_piece():
-    """Backpressure: while streaming_callback's awaitable is pending (a slow client), nothing more is read."""
-    from aipipe.upstream import PooledHTTPClient, UpstreamRequest
-
-    async def serve(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    gate, got = asyncio.get_running_loop().create_future(), []
-
-    def take(data):
-        got.append(data)
-        return gate if len(got) == 1 else None
-
-    client = PooledHTTPClient(force_instance=True)
-    request = UpstreamRequest(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", method="GET",
-                              headers={"Connection": "keep-alive"}, streaming_callback=take)
-    fetch = asyncio.ensure_future(client.fetch(request, raise_error=False))
-    await asyncio.sleep(0.3)
-    assert got == [b"first"] and not fetch.done()
-    gate.set_result(None)
-    response = await fetch
-    assert response.code == 200 and got == [b"first", b"second"]
-    client.close()
-    server.close()
