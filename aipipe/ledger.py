@@ -41,6 +41,7 @@ class Ledger:
         self._settles: list[Charge] = []
         self._settled_waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()  # set when someone waits on the writer: stop gathering charges
         self._task: asyncio.Task | None = None
         self._closing = False
         self._settle_after = 0.0  # monotonic time before which a failed settle is not retried
@@ -67,6 +68,7 @@ class Ledger:
         fut = asyncio.get_running_loop().create_future()
         (self._reserves if books is None else self._loads).append((request, fut))
         self._wake.set()
+        self._hurry.set()
         return await fut
 
     def settle(self, charge: Charge) -> asyncio.Future:
@@ -87,6 +89,7 @@ class Ledger:
         """Wait until every charge queued so far is written; StoreUnavailable if that takes longer than timeout."""
         waiters = list(self._settled_waiters)
         self._wake.set()
+        self._hurry.set()
         try:
             await asyncio.wait_for(asyncio.gather(*waiters), timeout)
         except asyncio.TimeoutError:
@@ -101,7 +104,13 @@ class Ledger:
         while True:
             await self._wake.wait()
             if self.books is not None and not (self._closing or self._loads) and len(self._settles) < MAX_BATCH:
-                await asyncio.sleep(LINGER)  # nobody waits on these writes: one transaction for many charges
+                # nobody waits on these writes, so gather more into one transaction; a user's first
+                # request, which waits for its spend to be read, cuts the wait short
+                self._hurry.clear()
+                try:
+                    await asyncio.wait_for(self._hurry.wait(), LINGER)
+                except asyncio.TimeoutError:
+                    pass
             self._wake.clear()
             due = self._closing or time.monotonic() >= self._settle_after
             written = await self._write_settles() if due else False
@@ -174,6 +183,7 @@ class Ledger:
         """Write what is queued (waiting at most timeout), spool the rest, and stop."""
         self._closing = True
         self._wake.set()
+        self._hurry.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
