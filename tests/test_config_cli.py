@@ -35,6 +35,7 @@ def test_example_config_is_valid_and_budget_lookup_order():
     ({"budget": {"*": {"limit": 1, "days": 0}}}, 'budget."*".days'),
     ({"budget": {"*": {"limit": 1, "period": "year"}}}, 'budget."*".period'),
     ({"server": {"prot": 1}}, "server.prot"),
+    ({"storage": {"admission": "memory"}}, 'storage.admission must be one of "auto", "store"'),
     ({"server": {"port": "eighty"}}, "server.port"),
     ({"limits": {"hold_seconds": -5}}, "limits.hold_seconds"),
     ({"providers": {"openai": {"base_url": "ftp://x"}}}, "providers.openai.base_url"),
