@@ -79,7 +79,11 @@ async def _serve(config: Config, sockets, spool_path: str, processes: int) -> No
 
 def run(config: Config, host: str, port: int, processes: int = 1) -> None:
     """Bind, optionally fork worker processes, and serve until SIGTERM/SIGINT."""
-    sockets = tornado.netutil.bind_sockets(port, host)
+    try:
+        sockets = tornado.netutil.bind_sockets(port, host)
+    except OSError as e:  # port taken (another server?) or address not on this machine
+        log.error("cannot listen on %s:%d: %s", host, port, e.strerror or e)
+        raise SystemExit(1) from None
     task_id = None
     if processes > 1:
         task_id = tornado.process.fork_processes(processes)

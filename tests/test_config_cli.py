@@ -54,6 +54,18 @@ def test_serve_refuses_bad_config_with_a_message_naming_the_key(tmp_path):
     assert r.returncode != 0 and "not valid TOML" in r.stderr
 
 
+def test_serve_on_a_port_in_use_says_so_without_a_traceback(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("serve", "--port", str(port), cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32})
+    assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_short_secret_is_refused(tmp_path):
     r = run("serve", cwd=tmp_path, env={"AIPIPE_SECRET": "short"})
     assert r.returncode != 0 and "AIPIPE_SECRET is too short" in r.stderr
