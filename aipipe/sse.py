@@ -7,7 +7,7 @@ The relay needs little from the events it passes on: the total length of their d
 answer that reports no usage) and, for the rare event that can carry usage, its data. So
 `EventSplitter` only finds where complete events end, and the rest is read on demand, over a whole
 read at a time where it can be (`simple_data_length`) and event by event where it must
-(`split_events`, `data_length`, `event_data`). `SSEParser` gives parsed `Event`s.
+(`split_events`, `data_length`, `event_data`); `parse_event` gives an event's name and data.
 """
 from __future__ import annotations
 
@@ -141,24 +141,3 @@ class EventSplitter:
     def pending(self) -> bytes:
         """Bytes of an event not yet complete."""
         return self._buffer
-
-
-class SSEParser:
-    """Feed bytes as they arrive; get back the events they complete, parsed."""
-
-    def __init__(self) -> None:
-        self._splitter = EventSplitter()
-
-    def feed(self, chunk: bytes) -> list[Event]:
-        """Events completed by this chunk, in order."""
-        return [parse_event(raw) for raw in split_events(self._splitter.feed(chunk))]
-
-    def flush(self) -> list[Event]:
-        """Whatever is left at the end of the stream, as a last event (streams may end without a blank line)."""
-        rest = self._splitter.flush()
-        return [parse_event(rest)] if rest else []
-
-    @property
-    def pending(self) -> bytes:
-        """Bytes of an event not yet complete."""
-        return self._splitter.pending

@@ -1,10 +1,10 @@
-"""The SSE parser finds the same events however the bytes are cut."""
+"""The event splitter finds the same events however the bytes are cut."""
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aipipe.sse import SSEParser
+from aipipe.sse import EventSplitter, parse_event, split_events
 
 STREAM = (": OPENROUTER PROCESSING\n\n"
           "event: message\ndata: {\"text\": \"héllo ✓ 你好\"}\n\n"
@@ -13,13 +13,17 @@ STREAM = (": OPENROUTER PROCESSING\n\n"
           "data: [DONE]\n\n").encode()
 
 
+def parse(region: bytes) -> list:
+    return [parse_event(raw) for raw in split_events(region)]
+
+
 def parse_in_pieces(data: bytes, cuts: list[int]):
-    parser, events = SSEParser(), []
+    splitter, events = EventSplitter(), []
     last = 0
     for cut in sorted(set(cuts)) + [len(data)]:
-        events += parser.feed(data[last:cut])
+        events += parse(splitter.feed(data[last:cut]))
         last = cut
-    return events + parser.flush()
+    return events + parse(splitter.flush())
 
 
 @settings(max_examples=300, deadline=None)
@@ -38,7 +42,7 @@ def test_byte_at_a_time_with_crlf_everywhere():
 
 
 def test_stream_without_final_blank_line_is_flushed():
-    parser = SSEParser()
-    assert parser.feed(b"data: 1\n\ndata: 2") [0].data == b"1"
-    assert parser.pending == b"data: 2"
-    assert [e.data for e in parser.flush()] == [b"2"]
+    splitter = EventSplitter()
+    assert parse(splitter.feed(b"data: 1\n\ndata: 2"))[0].data == b"1"
+    assert splitter.pending == b"data: 2"
+    assert [e.data for e in parse(splitter.flush())] == [b"2"]
