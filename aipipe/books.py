@@ -89,8 +89,9 @@ class Books:
 
     def forget_spend(self, email: str | None = None) -> None:
         """Make the next admission re-read spend from the store (one user, or everyone); holds stay."""
-        for book in ([self.users[email]] if email in self.users else []) if email else self.users.values():
-            book.since = None
+        for key in [email] if email else list(self.users):
+            if key in self.users:
+                self.users[key].since = None
 
     def held(self, email: str, now: float) -> float:
         """USD held by the user's requests in flight."""
