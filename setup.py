@@ -15,7 +15,8 @@ setup(
         "aipipe.ui": ["templates/*.html", "static/*", "static/**/*"],
     },
     install_requires=[
-        "tornado>=6.5,<7",  # aipipe/upstream.py uses two Tornado internals for connection reuse
+        "tornado>=6.5",
+        "aiohttp>=3.10",  # the client for provider calls (aipipe/upstream.py)
         "pyjwt>=2.8",
         "aiosqlite>=0.20",
         "asyncpg>=0.29",

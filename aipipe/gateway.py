@@ -9,6 +9,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from tornado.httpclient import AsyncHTTPClient
+
 from .auth import AuthError, Identity, TokenVerifier, is_native_key, token_from_headers
 from .books import Books
 from .budget import over_budget_message, today_utc, window_start
@@ -18,7 +20,7 @@ from .ledger import Ledger
 from .pricing import PriceTable
 from .providers.base import Call
 from .providers.openrouter import ModelCatalog
-from .upstream import PooledHTTPClient
+from .upstream import Upstream
 from .storage import Admission, Charge, HoldRequest, Store, StoreUnavailable
 
 log = logging.getLogger("aipipe")
@@ -52,7 +54,8 @@ class Gateway:
         self.default_hold = config.get("limits.default_hold_usd")
         self._max_inflight, self._rpm, self._hold_seconds = (
             config.get("limits.max_concurrent_per_user"), config.get("limits.rpm_per_user"), config.get("limits.hold_seconds"))
-        self.http = PooledHTTPClient(force_instance=True, max_clients=100_000, max_body_size=1 << 31)
+        self.upstream = Upstream()  # provider calls
+        self.http = AsyncHTTPClient(force_instance=True)  # Google's keys, OpenRouter's model list
         self._catalog: ModelCatalog | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -77,6 +80,7 @@ class Gateway:
             task.cancel()
         await self.ledger.close()
         self.http.close()
+        await self.upstream.close()
 
     async def _prune_forever(self, every: float = 60.0) -> None:
         while True:

@@ -11,12 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
-from tornado.httputil import HTTPInputError
 
 from aipipe.gateway import Outcome
 from aipipe.handlers.proxy import ProviderHandler
 from aipipe.sse import EventSplitter, data_length, parse_event, simple_data_length, split_events
-from aipipe.upstream import ChunkedDecoder
 from aipipe.usage import read_usage
 
 from .conftest import token
@@ -172,37 +170,6 @@ def test_usual_read_is_counted_without_splitting_it():
     assert simple_data_length(region.replace(b"\n\n", b"\r\n\r\n")) is None
 
 
-# -- chunked transfer coding ---------------------------------------------------------------------------------------
-
-def chunked(payloads: list[bytes]) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads) + b"0\r\n\r\n"
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.binary(min_size=1, max_size=50), max_size=8), st.lists(st.integers(0, 500), max_size=10),
-       st.sampled_from([b"", b"HTTP/1.1 200 OK"]))
-def test_chunked_decoder_gives_the_payload_however_reads_are_cut(payloads, cuts, after):
-    wire = chunked(payloads) + after
-    cuts = sorted({c for c in cuts if c <= len(wire)})
-    decoder, out = ChunkedDecoder(1 << 20), []
-    for a, b in zip([0] + cuts, cuts + [len(wire)]):
-        out.append(decoder.feed(wire[a:b]))
-    assert b"".join(out) == b"".join(payloads)
-    assert decoder.done and decoder.leftover == after
-
-
-@pytest.mark.parametrize("wire", [b"zz\r\n", b"3\r\nabcXY", b"0\r\nX-Trailer: 1\r\n\r\n", b"+3\r\nabc\r\n",
-                                  b"3;ext=1\r\nabc\r\n", b"1" * 70])
-def test_chunked_decoder_refuses_what_tornado_refuses(wire):
-    with pytest.raises(HTTPInputError):
-        ChunkedDecoder(1 << 20).feed(wire)
-
-
-def test_chunked_decoder_enforces_the_body_limit():
-    with pytest.raises(HTTPInputError):
-        ChunkedDecoder(10).feed(b"6\r\nabcdef\r\n6\r\n")
-
-
 # -- over the network ----------------------------------------------------------------------------------------------
 
 class HeldStream:
@@ -271,12 +238,11 @@ async def test_events_leave_as_they_arrive_and_the_stream_is_billed(make_gateway
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_connection_with_bytes_after_the_answer_is_not_reused(make_gateway, serve):
+async def test_bytes_after_an_answer_do_not_reach_the_next_one(make_gateway, serve):
     provider = HeldStream(after=b"HTTP/1.1 200 OK\r\n")
     gw = await make_gateway(providers={"openai": {"base_url": await provider.start()}})
     base, t = serve(gw), token("stray@example.com")
-    for _ in range(2):
-        await stream_through(base, t, provider)
-    assert provider.connections == 2
+    bodies = [await stream_through(base, t, provider) for _ in range(2)]
+    assert bodies[1] == bodies[0] and bodies[0].endswith(b"data: [DONE]\n\n") and b"HTTP/1.1" not in bodies[1]
     assert await spent(gw, "stray@example.com") == pytest.approx(2 * MINI, abs=1e-12)
     provider.server.close()

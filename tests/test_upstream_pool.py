@@ -1,6 +1,12 @@
-"""Connections to the provider are kept open and reused, and a connection the provider closed is not."""
+"""The client for provider calls: connections kept open and reused (not once the provider closed them), and
+answers that break off, arrive compressed or never arrive."""
 from __future__ import annotations
 
+import asyncio
+import gzip
+import re
+
+import orjson
 import pytest
 
 from .conftest import token
@@ -39,3 +45,108 @@ async def test_error_answers_and_connection_close_answers_are_handled(call, gate
     upstream.state.status = 200
     assert (await call("/openai/v1/chat/completions", "POST", json=chat(), token=t)).code == 200
     assert len(set(peers(upstream))) == 1
+
+
+# -- a provider on a raw socket, for answers a well-behaved server would not give ------------------------------
+
+MINI_IN, MINI_OUT = 0.15e-6, 0.6e-6  # gpt-4o-mini, USD per token
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def event(obj: dict) -> bytes:
+    data = b"data: " + orjson.dumps(obj) + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+WORDS = b"".join(event({"id": "c", "choices": [{"index": 0, "delta": {"content": w}}], "usage": None})
+                 for w in ("one ", "two "))
+USAGE_EVENT = event({"id": "c", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 7}})
+
+
+class RawProvider:
+    """Reads each request, writes answers[i] for the i-th connection (the last one for later connections), then
+    closes the connection."""
+
+    def __init__(self, *answers: bytes):
+        self.answers, self.connections = answers, 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serve(self, reader, writer) -> None:
+        answer = self.answers[min(self.connections, len(self.answers) - 1)]
+        self.connections += 1
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            await reader.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+            writer.write(answer)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+async def through(make_gateway, serve, call, provider: RawProvider, body: dict, email: str):
+    gw = await make_gateway(providers={"openai": {"base_url": await provider.start()}})
+    r = await call(serve(gw) + "/openai/v1/chat/completions", "POST", json=body, token=token(email))
+    return gw, r
+
+
+@pytest.mark.gen_test
+async def test_stream_cut_off_after_its_usage_is_billed_that_usage(make_gateway, serve, call, caplog):
+    provider = RawProvider(SSE_HEAD + WORDS + USAGE_EVENT)  # no closing chunk: the provider went away
+    gw, r = await through(make_gateway, serve, call, provider, chat(stream=True), "cut@example.com")
+    assert r.code == 200 and b"two " in r.body and b'"choices":[]' not in r.body
+    assert await spent(gw, "cut@example.com") == pytest.approx(12 * MINI_IN + 7 * MINI_OUT, abs=1e-12)
+    assert "broke off mid-answer" in caplog.text
+    provider.server.close()
+
+
+@pytest.mark.gen_test
+async def test_stream_cut_off_before_usage_is_charged_the_estimate(make_gateway, serve, call):
+    provider = RawProvider(SSE_HEAD + WORDS)
+    body = chat(stream=True, max_tokens=100)
+    gw, r = await through(make_gateway, serve, call, provider, body, "cut-early@example.com")
+    assert r.code == 200 and b"two " in r.body
+    prompt = len(orjson.dumps(body)) // 4  # estimated from the body as the app sent it
+    charged = await spent(gw, "cut-early@example.com")
+    assert charged > 0
+    assert charged == pytest.approx(prompt * MINI_IN + 100 * MINI_OUT, abs=1e-12)
+    provider.server.close()
+
+
+@pytest.mark.gen_test
+async def test_gzipped_answer_is_relayed_decoded_and_billed(make_gateway, serve, call):
+    answer = orjson.dumps({"id": "c", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+                           "usage": {"prompt_tokens": 12, "completion_tokens": 7}})
+    packed = gzip.compress(answer)
+    provider = RawProvider(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(packed), packed))
+    gw, r = await through(make_gateway, serve, call, provider, chat(), "gzip@example.com")
+    assert r.code == 200 and r.body == answer and "Content-Encoding" not in r.headers
+    assert await spent(gw, "gzip@example.com") == pytest.approx(12 * MINI_IN + 7 * MINI_OUT, abs=1e-12)
+    provider.server.close()
+
+
+@pytest.mark.gen_test
+async def test_provider_closing_before_answering_is_tried_once_more_then_502(make_gateway, serve, call):
+    provider = RawProvider(b"")
+    gw, r = await through(make_gateway, serve, call, provider, chat(), "closed@example.com")
+    assert r.code == 502 and r.headers["Content-Type"].startswith("application/json")
+    assert orjson.loads(r.body)["message"].startswith("Could not reach openai: ")
+    assert provider.connections == 2
+    assert await spent(gw, "closed@example.com") == 0
+    provider.server.close()
+
+
+@pytest.mark.gen_test
+async def test_provider_closing_once_is_retried_and_answered(make_gateway, serve, call):
+    answer = orjson.dumps({"id": "c", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 7}})
+    provider = RawProvider(b"", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(answer), answer))
+    gw, r = await through(make_gateway, serve, call, provider, chat(), "retried@example.com")
+    assert r.code == 200 and r.body == answer and provider.connections == 2
+    assert await spent(gw, "retried@example.com") == pytest.approx(12 * MINI_IN + 7 * MINI_OUT, abs=1e-12)
+    provider.server.close()

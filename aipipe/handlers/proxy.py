@@ -11,8 +11,6 @@ import re
 import time
 
 import orjson
-from tornado.httpclient import HTTPClientError
-from tornado.httputil import HTTPHeaders, ResponseStartLine
 from tornado.iostream import StreamClosedError
 
 from ..errors import ApiError
@@ -20,7 +18,7 @@ from ..gateway import Outcome
 from ..providers import PROVIDERS
 from ..providers.base import Call, streamed_estimate
 from ..sse import EventSplitter, data_length, event_data, one_data_line, simple_data_length, split_events
-from ..upstream import UpstreamRequest
+from ..upstream import describe, is_timeout
 from ..usage import Usage, read_usage
 from .base import ApiHandler
 
@@ -33,12 +31,6 @@ DROP_RESPONSE_HEADERS = frozenset({
 })
 KEY_REJECTED = "provider credentials misconfigured"
 _NAMED_USAGE = re.compile(rb'"usage"(?!:null)')
-
-
-def is_closed_connection(error) -> bool:
-    """The connection closed under a request (rather than refused, timed out or answered)."""
-    return isinstance(error, StreamClosedError) or (
-        isinstance(error, HTTPClientError) and error.code == 599 and "closed" in str(error).lower())
 
 
 def _usage_data(raw: bytes) -> bytes | None:
@@ -151,41 +143,27 @@ class ProviderHandler(ApiHandler):
         self._json: list[bytes] = []
         self._events = EventSplitter()
         self._client_gone = False
-        request = UpstreamRequest(
-            self.provider.target_url(self.gw.config.providers[self.provider_name].base_url, call),
-            method=call.method, headers=self.provider.forward_headers(call, key),
-            body=call.body if call.method in ("POST", "PUT", "PATCH") or call.body else None,
-            on_response_start=self._on_response_start, streaming_callback=self._on_chunk,
-            follow_redirects=False, allow_nonstandard_methods=True, decompress_response=True,
-            connect_timeout=min(30.0, self.gw.config.get("limits.upstream_timeout")),
-            request_timeout=self.gw.config.get("limits.upstream_timeout"))
+        timeout = self.gw.config.get("limits.upstream_timeout")
+        url = self.provider.target_url(self.gw.config.providers[self.provider_name].base_url, call)
         self._sent_at = time.perf_counter()
-        for attempt in (1, 2):
-            try:
-                response = await self.gw.http.fetch(request, raise_error=False)
-                error = response.error if response.code == 599 else None
-            except (OSError, HTTPClientError, StreamClosedError) as e:  # raise_error=False still raises these
-                error = e
-            # A reused connection the provider closed just then fails before any answer: try once more.
-            if not (attempt == 1 and not self._mode and is_closed_connection(error)):
-                break
+        error = await self.gw.upstream.exchange(
+            call.method, url, self.provider.forward_headers(call, key),
+            call.body if call.method in ("POST", "PUT", "PATCH") or call.body else None,
+            connect_timeout=min(30.0, timeout), timeout=timeout,
+            on_start=self._on_response_start, on_chunk=self._on_chunk)
         if error is not None and not self._mode:
             raise self._connection_error(error)
         if error is not None:
-            log.warning("upstream %s broke off mid-answer: %s", self.provider_name, error)
+            log.warning("upstream %s broke off mid-answer: %s", self.provider_name, describe(error))
         await self._finish_answer()
 
-    def _connection_error(self, error) -> ApiError:
-        text = str(error) if error else "no answer"
-        if isinstance(error, HTTPClientError) and "timeout" in text.lower():
+    def _connection_error(self, error: BaseException) -> ApiError:
+        if is_timeout(error):
             return ApiError(504, f"{self.provider_name} did not answer in time")
-        return ApiError(502, f"Could not reach {self.provider_name}: {text}")
+        return ApiError(502, f"Could not reach {self.provider_name}: {describe(error)}")
 
-    def _on_response_start(self, start_line: ResponseStartLine, headers: HTTPHeaders) -> None:
+    def _on_response_start(self, status: int, reason: str, headers) -> None:
         """The upstream's status line and headers, as the client parsed them."""
-        status, reason = start_line.code, start_line.reason
-        if 100 <= status < 200:
-            return
         self.outcome.status = status
         if status in (401, 403) and not self.native:
             self._mode = "reject"

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.httputil import HTTPHeaders
 
 from ..errors import ApiError
 from ..gateway import Outcome
 from ..pricing import cost_of
 from ..providers.base import Call, require_price, set_hold
+from ..upstream import describe, is_timeout
 from ..usage import Usage, read_usage
 from .base import ApiHandler
 from .proxy import KEY_REJECTED
@@ -139,27 +139,28 @@ class SimilarityHandler(ApiHandler):
     async def _embed(self, call: Call, key: str, outcome: Outcome, native: bool) -> dict:
         """One POST to OpenAI's /v1/embeddings; fills outcome (status, usage, cost) for the ledger."""
         timeout = self.gw.config.get("limits.upstream_timeout")
-        request = HTTPRequest(self.gw.config.providers["openai"].base_url + call.path, method="POST", body=call.body,
-                              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-                              connect_timeout=min(30.0, timeout), request_timeout=timeout)
-        response = await self.gw.http.fetch(request, raise_error=False)
-        outcome.status = response.code
-        if response.code == 599:
-            text = str(response.error or "no answer")
-            if isinstance(response.error, HTTPClientError) and "timeout" in text.lower():
+        answered = await self.gw.upstream.fetch(
+            "POST", self.gw.config.providers["openai"].base_url + call.path,
+            {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}, call.body,
+            connect_timeout=min(30.0, timeout), timeout=timeout)
+        if isinstance(answered, BaseException):
+            outcome.status = 599
+            if is_timeout(answered):
                 raise ApiError(504, "openai did not answer in time")
-            raise ApiError(502, f"Could not reach openai: {text}")
-        if response.code in (401, 403) and not native:
-            log.error("openai answered %d to the operator's key: check OPENAI_API_KEY", response.code)
+            raise ApiError(502, f"Could not reach openai: {describe(answered)}")
+        code, body = answered
+        outcome.status = code
+        if code in (401, 403) and not native:
+            log.error("openai answered %d to the operator's key: check OPENAI_API_KEY", code)
             raise ApiError(502, KEY_REJECTED)
         try:
-            answer = orjson.loads(response.body or b"null")
+            answer = orjson.loads(body or b"null")
         except orjson.JSONDecodeError:
             answer = None
-        if not 200 <= response.code < 300:
+        if not 200 <= code < 300:
             error = answer.get("error") if isinstance(answer, dict) else None
             text = error.get("message") if isinstance(error, dict) else None
-            raise ApiError(response.code, text if isinstance(text, str) else f"openai answered {response.code}")
+            raise ApiError(code, text if isinstance(text, str) else f"openai answered {code}")
         usage = read_usage(answer)
         outcome.usage = usage or Usage(input_tokens=call.input_estimate, model=call.model)
         outcome.cost = cost_of(call.price, usage) if usage else call.fallback_cost

@@ -130,7 +130,6 @@ class Provider:
         out = {k: v for k, v in call.headers.get_all()
                if k.lower() in FORWARD_REQUEST_HEADERS or k.lower().startswith(FORWARD_REQUEST_PREFIXES)}
         out.update(self.auth_headers(key))
-        out["Connection"] = "keep-alive"  # the upstream client reuses connections (aipipe/upstream.py)
         return out
 
     async def prepare(self, call: Call, gateway) -> None:
