@@ -221,13 +221,12 @@ class ProviderHandler(ApiHandler):
             return
         length = simple_data_length(region)
         start = first_maybe_usage_only(region, length is not None)
-        sending = self._send(region[:start] if start < len(region) else region)  # before any parsing
+        if start < len(region):  # the usage chunk may be among these events: leave it out, in the same write
+            region_out = region[:start] + b"".join(raw for raw in split_events(region[start:]) if not usage_only(raw))
+        else:
+            region_out = region
+        sending = self._send(region_out)
         self._read_events(region, length, may_report_usage(region, length))
-        if start < len(region):
-            rest = b"".join(raw for raw in split_events(region[start:]) if not usage_only(raw))
-            if rest:
-                await self._sent(sending)
-                sending = self._send(rest)
         await self._sent(sending)
 
     def _read_events(self, region: bytes, length: int | None, may_report: bool) -> None:
