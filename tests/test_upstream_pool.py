@@ -3,11 +3,18 @@ answers that break off, arrive compressed or never arrive."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gzip
+import ipaddress
 import re
+import ssl
 
 import orjson
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from .conftest import token
 from .helpers import chat, spent
@@ -150,3 +157,46 @@ async def test_provider_closing_once_is_retried_and_answered(make_gateway, serve
     assert r.code == 200 and r.body == answer and provider.connections == 2
     assert await spent(gw, "retried@example.com") == pytest.approx(12 * MINI_IN + 7 * MINI_OUT, abs=1e-12)
     provider.server.close()
+
+
+def self_signed(folder) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 that no trust store knows, and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+@pytest.mark.gen_test
+async def test_provider_with_an_untrusted_certificate_never_gets_the_key(make_gateway, serve, call, tmp_path):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*self_signed(tmp_path))
+    received = []
+
+    async def provider(reader, writer):
+        try:
+            received.append(await asyncio.wait_for(reader.read(65536), 5))
+        except (ConnectionError, ssl.SSLError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(provider, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    gw = await make_gateway(providers={"openai": {"base_url": f"https://127.0.0.1:{port}"}})
+    r = await call(serve(gw) + "/openai/v1/chat/completions", "POST", json=chat(), token=token("tls@example.com"))
+    assert r.code == 502 and r.headers["Access-Control-Allow-Origin"] == "*"
+    text = orjson.loads(r.body)["message"]
+    assert text.startswith("Could not reach openai: ") and "certificate" in text.lower()
+    assert not any(b"Authorization" in part or b"sk-" in part for part in received)  # no request was sent
+    assert await spent(gw, "tls@example.com") == 0
+    server.close()
