@@ -73,8 +73,8 @@ class Bench:
             lite = LiteLLM(self.work, self.fake_port, self.server_cpus)
             self.servers["litellm"] = Server(lite.port, lite.proc, path=PATHS["litellm"])
 
-    def _gateway(self, name: str, cpus, processes: int) -> Server:
-        gw = Gateway(self.work, self.fake_port, cpus, processes, name, store=self.args.store)
+    def _gateway(self, name: str, cpus, processes: int, admission: str = "auto") -> Server:
+        gw = Gateway(self.work, self.fake_port, cpus, processes, name, store=self.args.store, admission=admission)
         self.gateways.append(gw)
         return Server(gw.port, gw.proc, gw, "/openai/v1/chat/completions")
 
@@ -172,12 +172,14 @@ class Bench:
 
     def scaling(self, concurrency: int) -> None:
         """Scenario 5: `--processes 1` vs `--processes 2`, both free to use both cores."""
+        # p1-store: one process admitting through the database, as every process of --processes N does
+        arms = ["gateway-p1", "gateway-p1-store", "gateway-p2"]
         self.servers["gateway-p1"] = self._gateway("gateway-p1", self.all_cpus, 1)
+        self.servers["gateway-p1-store"] = self._gateway("gateway-p1-store", self.all_cpus, 1, admission="store")
         self.servers["gateway-p2"] = self._gateway("gateway-p2", self.all_cpus, 2)
-        self.warm(["gateway-p1", "gateway-p2"])
+        self.warm(arms)
         self.configure_upstream(50, 0.0)
-        self.interleave(f"5 chat c={concurrency} procs", ["direct", "gateway-p1", "gateway-p2"], "json",
-                        concurrency, self.args.duration)
+        self.interleave(f"5 chat c={concurrency} procs", ["direct"] + arms, "json", concurrency, self.args.duration)
 
 
 def parse_args(argv=None):

@@ -141,7 +141,7 @@ class Gateway:
     """`python -m aipipe serve` with SQLite in workdir, pointed at the fake upstream."""
 
     def __init__(self, workdir: str, upstream_port: int, cpus: str | None, processes: int = 1, name: str = "gateway",
-                 pythonpath: str | None = None, store: str | None = None):
+                 pythonpath: str | None = None, store: str | None = None, admission: str = "auto"):
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.db = os.path.join(self.dir, "aipipe.db")
@@ -151,7 +151,7 @@ class Gateway:
         self.port = free_port()
         config = os.path.join(self.dir, "config.toml")
         with open(config, "w") as f:
-            f.write(f'[storage]\nurl = "{url}"\n'
+            f.write(f'[storage]\nurl = "{url}"\nadmission = "{admission}"\n'
                     f'[budget]\n"*" = {{ limit = 1000000.0, days = 1 }}\n'
                     f'[limits]\nmax_concurrent_per_user = 2000\n'
                     f'[providers.openai]\nbase_url = "http://127.0.0.1:{upstream_port}"\n')
