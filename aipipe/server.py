@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from .handlers.page_base import template_environment
 from .storage import StoreConfigError, mask_url, open_store
 
 log = logging.getLogger("aipipe")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 access_log = logging.getLogger("aipipe.access")
 
 
@@ -77,6 +79,17 @@ async def _serve(config: Config, sockets, spool_path: str, processes: int) -> No
     await store.close()
 
 
+def _stop_with_parent(parent: int) -> None:
+    """In a forked worker (Linux): get SIGTERM when the parent dies, so stopping the parent stops every worker
+    (rather than leaving them serving the port with nobody to restart them)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(config: Config, host: str, port: int, processes: int = 1) -> None:
     """Bind, optionally fork worker processes, and serve until SIGTERM/SIGINT."""
     try:
@@ -85,8 +98,13 @@ def run(config: Config, host: str, port: int, processes: int = 1) -> None:
         log.error("cannot listen on %s:%d: %s", host, port, e.strerror or e)
         raise SystemExit(1) from None
     task_id = None
+    if processes > 1 and config.get("storage.url").startswith("sqlite"):
+        log.warning("%d processes on one SQLite file admit every call through the file, which measured slower than one "
+                    "process on its own (README, Performance); PostgreSQL is what scales across processes", processes)
     if processes > 1:
+        parent = os.getpid()
         task_id = tornado.process.fork_processes(processes)
+        _stop_with_parent(parent)
     spool = os.path.abspath(f"aipipe-unsettled{'' if task_id is None else f'-{task_id}'}.jsonl")
     _install_fast_loop()
     try:

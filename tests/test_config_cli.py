@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -55,8 +60,6 @@ def test_serve_refuses_bad_config_with_a_message_naming_the_key(tmp_path):
 
 
 def test_serve_on_a_port_in_use_says_so_without_a_traceback(tmp_path):
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -95,10 +98,6 @@ def test_cli_set_cost_usage_and_check_config(tmp_path):
 
 
 def test_serve_starts_serves_and_stops_on_sigterm(tmp_path):
-    import signal
-    import socket
-    import time
-    import urllib.request
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -125,3 +124,58 @@ def test_serve_starts_serves_and_stops_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+
+def serving(port: int) -> bool:
+    """Whether a server answers on port (any HTTP status counts)."""
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/usage", timeout=2)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def start_processes(tmp_path, n: int, **popen) -> tuple[subprocess.Popen, int]:
+    """`aipipe serve --processes n` in a session of its own, once it serves (bounded: 20 s)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("AIPIPE_SECRET", "ADMIN_EMAILS")}
+    env["AIPIPE_SECRET"] = "x" * 32
+    proc = subprocess.Popen([sys.executable, "-m", "aipipe", "serve", "--processes", str(n), "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=tmp_path, env=env, start_new_session=True, **popen)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not serving(port):
+        time.sleep(0.1)
+    return proc, port
+
+
+def test_several_processes_on_sqlite_are_warned_about_once_and_serve(tmp_path):
+    proc, port = start_processes(tmp_path, 2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert serving(port)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as systemd and Ctrl-C do
+        out = proc.communicate(timeout=30)[0]
+    assert out.count("2 processes on one SQLite file admit every call through the file") == 1
+    assert "PostgreSQL is what scales across processes" in out
+
+
+def test_stopping_the_parent_of_several_processes_stops_them_all(tmp_path):
+    proc, port = start_processes(tmp_path, 2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert serving(port)
+        proc.send_signal(signal.SIGTERM)  # the parent only, as `kill <pid>` does
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and serving(port):
+            time.sleep(0.1)
+        assert not serving(port)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
