@@ -18,9 +18,9 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 IDLE_SECONDS = 20.0  # providers close idle connections after a minute or more; stay well inside that
-# aiohttp would add a Content-Type (application/octet-stream) to a body sent without one, and its own
-# User-Agent; the provider sees what the app sent instead.
-SKIP_AUTO_HEADERS = frozenset({"Content-Type", "User-Agent"})
+# aiohttp would add a Content-Type (application/octet-stream) to a body the app sent without one. Its
+# User-Agent, Accept and Accept-Encoding (only codings it can undo) go where the app sent none.
+SKIP_AUTO_HEADERS = frozenset({"Content-Type"})
 
 OnStart = Callable[[int, str, CIMultiDictProxy], None]
 OnChunk = Callable[[bytes], Awaitable[None]]
