@@ -12,17 +12,25 @@ the upstream read instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Awaitable, Callable
 
 import aiohttp
-from multidict import CIMultiDictProxy
 
 IDLE_SECONDS = 20.0  # providers close idle connections after a minute or more; stay well inside that
 # aiohttp would add a Content-Type (application/octet-stream) to a body the app sent without one. Its
 # User-Agent, Accept and Accept-Encoding (only codings it can undo) go where the app sent none.
 SKIP_AUTO_HEADERS = frozenset({"Content-Type"})
 
-OnStart = Callable[[int, str, CIMultiDictProxy], None]
+# A POST is sent again only when its connection failed this soon: a reused connection the provider had
+# closed fails at once, while a provider that took the request and then dropped it may have acted on it.
+# (aiohttp itself resends GET, HEAD, OPTIONS, PUT and DELETE once.)
+STALE_WINDOW = 0.5
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+MAX_HEADER_LINE = 65536  # aiohttp's default (8190) would turn a long provider header into a 502
+
+Headers = list[tuple[str, str]]  # an answer's header lines as sent (names and values as Latin-1, like Tornado)
+OnStart = Callable[[int, str, Headers], None]
 OnChunk = Callable[[bytes], Awaitable[None]]
 
 
@@ -36,33 +44,41 @@ class Upstream:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=IDLE_SECONDS, ttl_dns_cache=60)
-            self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=SKIP_AUTO_HEADERS,
-                                                  cookie_jar=aiohttp.DummyCookieJar())
+            self._session = aiohttp.ClientSession(
+                connector=connector, skip_auto_headers=SKIP_AUTO_HEADERS, cookie_jar=aiohttp.DummyCookieJar(),
+                max_line_size=MAX_HEADER_LINE, max_field_size=MAX_HEADER_LINE)
         return self._session
 
     async def exchange(self, method: str, url: str, headers: dict[str, str], body: bytes | None, *,
                        connect_timeout: float, timeout: float, on_start: OnStart,
                        on_chunk: OnChunk) -> BaseException | None:
-        """Send one request; on_start(status, reason, headers) once, then `await on_chunk(data)` per read.
+        """Send one request; on_start(status, reason, header lines) once, then `await on_chunk(data)` per read.
 
         Returns None when the answer was read to its end, or the error that prevented or cut it short.
-        A reused connection the provider closed just as the request went out fails before any answer:
-        that is tried once more, on a new connection.
+        `timeout` bounds the whole call, time spent waiting for a slow client included.
         """
-        limits = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
-        for attempt in (1, 2):
-            started = False
-            try:
-                async with self.session.request(method, url, headers=headers, data=body, timeout=limits,
-                                                allow_redirects=False) as response:
-                    started = True
-                    on_start(response.status, response.reason or "", response.headers)
-                    async for data in response.content.iter_any():
-                        await on_chunk(data)
-                return None
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-                if started or attempt == 2 or not isinstance(error, aiohttp.ServerDisconnectedError):
-                    return error
+        loop = asyncio.get_running_loop()
+        limits = aiohttp.ClientTimeout(total=None, connect=connect_timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                for attempt in (1, 2):
+                    started, sent = False, loop.time()
+                    try:
+                        async with self.session.request(method, url, headers=headers, data=body, timeout=limits,
+                                                        allow_redirects=False) as response:
+                            started = True
+                            on_start(response.status, response.reason or "",
+                                     [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers])
+                            async for data in response.content.iter_any():
+                                await on_chunk(data)
+                        return None
+                    except (aiohttp.ClientError, OSError) as error:
+                        stale = (isinstance(error, aiohttp.ServerDisconnectedError) and method not in IDEMPOTENT
+                                 and loop.time() - sent < STALE_WINDOW)
+                        if started or attempt == 2 or not stale:
+                            return error
+        except TimeoutError as error:
+            return error
         return None  # not reached: the second attempt returns
 
     async def fetch(self, method: str, url: str, headers: dict[str, str], body: bytes | None, *,
@@ -70,7 +86,7 @@ class Upstream:
         """A whole answer as (status, body), or the error that prevented it."""
         status, parts = 0, []
 
-        def on_start(code: int, reason: str, headers) -> None:
+        def on_start(code: int, reason: str, headers: Headers) -> None:
             nonlocal status
             status = code
 
@@ -87,10 +103,28 @@ class Upstream:
             self._session = None
 
 
+def header(lines: Headers, name: str) -> str:
+    """The first value of header `name` (lower-case) among an answer's header lines, else ""."""
+    return next((value for key, value in lines if key.lower() == name), "")
+
+
 def is_timeout(error: BaseException) -> bool:
-    return isinstance(error, (asyncio.TimeoutError, aiohttp.ServerTimeoutError))
+    return isinstance(error, TimeoutError)  # asyncio's, aiohttp's connect and read timeouts alike
 
 
 def describe(error: BaseException) -> str:
-    """What went wrong, for a 502's message: aiohttp's text, or the error's kind when it has none."""
-    return str(error) or type(error).__name__
+    """What went wrong, for an error message: never aiohttp's own text, which can carry the provider's URL."""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate could not be verified"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        number = getattr(error.os_error, "errno", None)
+        return f"cannot connect ({os.strerror(number) if number else type(error.os_error).__name__})"
+    if is_timeout(error):
+        return "no answer in time"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "the connection closed before the answer was complete"
+    if isinstance(error, aiohttp.ClientPayloadError):
+        return "the answer was cut short"
+    if isinstance(error, aiohttp.ClientResponseError):
+        return "the answer was not valid HTTP"
+    return type(error).__name__

@@ -8,6 +8,7 @@ import gzip
 import ipaddress
 import re
 import ssl
+import time
 
 import orjson
 import pytest
@@ -74,8 +75,8 @@ class RawProvider:
     """Reads each request, writes answers[i] for the i-th connection (the last one for later connections), then
     closes the connection."""
 
-    def __init__(self, *answers: bytes):
-        self.answers, self.connections = answers, 0
+    def __init__(self, *answers: bytes, delay: float = 0.0):
+        self.answers, self.connections, self.delay = answers, 0, delay
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
@@ -87,6 +88,7 @@ class RawProvider:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             await reader.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+            await asyncio.sleep(self.delay)
             writer.write(answer)
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
@@ -199,4 +201,76 @@ async def test_provider_with_an_untrusted_certificate_never_gets_the_key(make_ga
     assert text.startswith("Could not reach openai: ") and "certificate" in text.lower()
     assert not any(b"Authorization" in part or b"sk-" in part for part in received)  # no request was sent
     assert await spent(gw, "tls@example.com") == 0
+    server.close()
+
+
+@pytest.mark.gen_test
+async def test_post_the_provider_dropped_after_taking_it_is_not_sent_again(make_gateway, serve, call):
+    provider = RawProvider(b"", delay=0.8)  # took the request, worked on it, then went away
+    gw, r = await through(make_gateway, serve, call, provider, chat(), "dropped@example.com")
+    assert r.code == 502 and provider.connections == 1
+    assert await spent(gw, "dropped@example.com") == 0
+    provider.server.close()
+
+
+@pytest.mark.gen_test
+async def test_header_bytes_pass_through_unchanged_and_long_headers_fit(make_gateway, serve, call):
+    answer = orjson.dumps({"id": "c", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 7}})
+    provider = RawProvider(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Note: caf\xc3\xa9\r\n"
+                           b"X-Long: " + b"z" * 20000 + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+    gw, r = await through(make_gateway, serve, call, provider, chat(), "bytes@example.com")
+    assert r.code == 200 and r.body == answer
+    assert r.headers["X-Note"].encode("latin-1") == b"caf\xc3\xa9"  # Tornado reads header bytes as Latin-1
+    assert r.headers["X-Long"] == "z" * 20000
+    assert await spent(gw, "bytes@example.com") == pytest.approx(12 * MINI_IN + 7 * MINI_OUT, abs=1e-12)
+    provider.server.close()
+
+
+@pytest.mark.gen_test
+async def test_malformed_answer_is_502_without_the_providers_address(make_gateway, serve, call):
+    provider = RawProvider(b"HTTP/1.1 two hundred OK\r\n\r\n")
+    url = await provider.start()
+    gw = await make_gateway(providers={"openai": {"base_url": url + "/account-7731"}})
+    r = await call(serve(gw) + "/openai/v1/chat/completions", "POST", json=chat(), token=token("bad@example.com"))
+    assert r.code == 502
+    text = orjson.loads(r.body)["message"]
+    assert text == "Could not reach openai: the answer was not valid HTTP"
+    assert "account-7731" not in r.body.decode() and "127.0.0.1" not in text
+    provider.server.close()
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_client_that_stops_reading_cannot_hold_a_call_past_the_timeout(make_gateway, serve):
+    big = event({"id": "c", "choices": [{"index": 0, "delta": {"content": "x" * 16000}}], "usage": None})
+    closed = asyncio.Event()
+
+    async def provider(reader, writer):
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(SSE_HEAD)
+            for _ in range(4000):  # at most 64 MB; the gateway stops reading long before
+                writer.write(big)
+                await asyncio.wait_for(writer.drain(), 10)
+        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            closed.set()
+            writer.close()
+
+    server = await asyncio.start_server(provider, "127.0.0.1", 0)
+    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    gw = await make_gateway(providers={"openai": {"base_url": base_url}}, limits={"upstream_timeout": 2.0})
+    host, port = serve(gw).split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = orjson.dumps(chat(stream=True))
+    writer.write(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                 % (token("stalled@example.com").encode(), len(body), body))
+    await writer.drain()
+    await reader.read(2000)  # the answer starts; then this client reads no more
+    started = time.monotonic()
+    await asyncio.wait_for(closed.wait(), 15)  # the gateway let go of the provider
+    assert time.monotonic() - started < 8
+    assert await spent(gw, "stalled@example.com") > 0  # and billed what was streamed
+    writer.close()
     server.close()

@@ -43,10 +43,10 @@ class ApiHandler(tornado.web.RequestHandler):
         self.finish(orjson.dumps(obj))
 
     def copy_upstream_headers(self, headers, drop: frozenset[str]) -> None:
-        """Relay an upstream answer's headers (Tornado's or aiohttp's), minus `drop` (lower-case names) and its
-        own CORS headers."""
+        """Relay an upstream answer's headers (Tornado's HTTPHeaders or (name, value) lines), minus `drop`
+        (lower-case names) and its own CORS headers."""
         seen = set()
-        for name, value in headers.get_all() if hasattr(headers, "get_all") else headers.items():
+        for name, value in headers.get_all() if hasattr(headers, "get_all") else headers:
             lower = name.lower()
             if lower in drop or lower.startswith("access-control-"):
                 continue

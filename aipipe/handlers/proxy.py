@@ -18,7 +18,7 @@ from ..gateway import Outcome
 from ..providers import PROVIDERS
 from ..providers.base import Call, streamed_estimate
 from ..sse import EventSplitter, data_length, event_data, one_data_line, simple_data_length, split_events
-from ..upstream import describe, is_timeout
+from ..upstream import Headers, describe, header, is_timeout
 from ..usage import Usage, read_usage
 from .base import ApiHandler
 
@@ -158,18 +158,19 @@ class ProviderHandler(ApiHandler):
         await self._finish_answer()
 
     def _connection_error(self, error: BaseException) -> ApiError:
+        log.warning("no answer from %s: %r", self.provider_name, error)  # the detail, for the operator only
         if is_timeout(error):
             return ApiError(504, f"{self.provider_name} did not answer in time")
         return ApiError(502, f"Could not reach {self.provider_name}: {describe(error)}")
 
-    def _on_response_start(self, status: int, reason: str, headers) -> None:
+    def _on_response_start(self, status: int, reason: str, headers: Headers) -> None:
         """The upstream's status line and headers, as the client parsed them."""
         self.outcome.status = status
         if status in (401, 403) and not self.native:
             self._mode = "reject"
             self._log_key_rejected()
             return
-        ctype = headers.get("Content-Type", "").lower()
+        ctype = header(headers, "content-type").lower()
         self._mode = "sse" if "text/event-stream" in ctype else "json" if "json" in ctype else "raw"
         self._received_at = time.perf_counter()
         self.set_status(status, reason or None)
