@@ -274,3 +274,13 @@ async def test_client_that_stops_reading_cannot_hold_a_call_past_the_timeout(mak
     assert await spent(gw, "stalled@example.com") > 0  # and billed what was streamed
     writer.close()
     server.close()
+
+
+@pytest.mark.gen_test
+async def test_no_content_answer_with_a_json_type_is_relayed_as_such(make_gateway, serve, call):
+    provider = RawProvider(b"HTTP/1.1 204 No Content\r\nContent-Type: application/json\r\n\r\n")
+    gw = await make_gateway(providers={"openai": {"base_url": await provider.start()}})
+    r = await call(serve(gw) + "/openai/v1/files/file-1", "DELETE", token=token("nc@example.com"))
+    assert r.code == 204 and r.body == b""
+    assert await spent(gw, "nc@example.com") == 0
+    provider.server.close()

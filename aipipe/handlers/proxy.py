@@ -302,4 +302,5 @@ class ProviderHandler(ApiHandler):
             self.outcome.output_bytes = len(body)
             self.set_header("X-AIPipe-Cost", f"{self._cost():.10f}".rstrip("0").rstrip(".") or "0")
         self._set_overhead()
-        self.write(body)
+        if body:  # none on a 204 or 304, which Tornado refuses to send with one
+            self.write(body)
