@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from .conftest import token
+from .fake_upstream import OPERATOR_KEYS
 from .helpers import chat, spent
 
 
@@ -227,7 +228,7 @@ async def test_header_bytes_pass_through_unchanged_and_long_headers_fit(make_gat
 
 
 @pytest.mark.gen_test
-async def test_malformed_answer_is_502_without_the_providers_address(make_gateway, serve, call):
+async def test_malformed_answer_is_502_without_the_providers_address(make_gateway, serve, call, caplog):
     provider = RawProvider(b"HTTP/1.1 two hundred OK\r\n\r\n")
     url = await provider.start()
     gw = await make_gateway(providers={"openai": {"base_url": url + "/account-7731"}})
@@ -236,6 +237,8 @@ async def test_malformed_answer_is_502_without_the_providers_address(make_gatewa
     text = orjson.loads(r.body)["message"]
     assert text == "Could not reach openai: the answer was not valid HTTP"
     assert "account-7731" not in r.body.decode() and "127.0.0.1" not in text
+    assert "no answer from openai: ClientResponseError" in caplog.text  # the detail is in the log
+    assert OPERATOR_KEYS["openai"] not in caplog.text and "Authorization" not in caplog.text
     provider.server.close()
 
 

@@ -158,7 +158,8 @@ class ProviderHandler(ApiHandler):
         await self._finish_answer()
 
     def _connection_error(self, error: BaseException) -> ApiError:
-        log.warning("no answer from %s: %r", self.provider_name, error)  # the detail, for the operator only
+        # The detail, for the operator only; str(), since aiohttp's repr() of some errors shows request headers.
+        log.warning("no answer from %s: %s: %s", self.provider_name, type(error).__name__, error)
         if is_timeout(error):
             return ApiError(504, f"{self.provider_name} did not answer in time")
         return ApiError(502, f"Could not reach {self.provider_name}: {describe(error)}")
