@@ -17,7 +17,7 @@ from .config import Config
 from .gateway import Gateway
 from .handlers import routes
 from .handlers.page_base import template_environment
-from .storage import StoreConfigError, mask_url, open_store
+from .storage import StoreConfigError, mask_url, open_store, url_scheme
 
 log = logging.getLogger("aipipe")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -98,7 +98,7 @@ def run(config: Config, host: str, port: int, processes: int = 1) -> None:
         log.error("cannot listen on %s:%d: %s", host, port, e.strerror or e)
         raise SystemExit(1) from None
     task_id = None
-    if processes > 1 and config.get("storage.url").startswith("sqlite"):
+    if processes > 1 and url_scheme(config.get("storage.url")) == "sqlite":
         log.warning("%d processes on one SQLite file admit every call through the file, which measured slower than one "
                     "process on its own (README, Performance); PostgreSQL is what scales across processes", processes)
     if processes > 1:

@@ -5,7 +5,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .base import Admission, Charge, HoldRequest, Store, StoreUnavailable
 
-__all__ = ["Admission", "Charge", "HoldRequest", "Store", "StoreUnavailable", "open_store", "mask_url", "StoreConfigError"]
+__all__ = ["Admission", "Charge", "HoldRequest", "Store", "StoreUnavailable", "open_store", "mask_url", "StoreConfigError", "url_scheme"]
 
 
 class StoreConfigError(ValueError):
@@ -35,9 +35,14 @@ def sqlite_path(url: str) -> str:
     return path
 
 
+def url_scheme(url: str) -> str:
+    """The storage URL's scheme, lower-case: it picks the backend."""
+    return url.split(":", 1)[0].lower()
+
+
 def make_store(url: str, pool_min: int = 1, pool_max: int = 10) -> Store:
     """Build (without connecting) the backend for a storage URL."""
-    scheme = url.split(":", 1)[0].lower()
+    scheme = url_scheme(url)
     if scheme == "sqlite":
         from .sqlite import SQLiteStore
 
