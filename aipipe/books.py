@@ -2,7 +2,7 @@
 
 With one process owning the database, the in-memory view of each user's spend, open holds and
 recent requests is complete, so a request can be admitted without a database round trip. The
-same rules decide as in the database (storage.base.decide_batch); only where the numbers come
+same rules decide as in the database (storage.base.decide); only where the numbers come
 from differs. Spend is read from the store once per user (by the ledger's writer, so charges
 still queued are counted exactly once) and kept current as charges are queued; holds never
 leave memory, since a restart ends every request they belonged to.
@@ -14,7 +14,7 @@ import itertools
 from datetime import date
 
 from .storage import Admission, Charge, HoldRequest
-from .storage.base import RATE_WINDOW, UserState, decide_batch
+from .storage.base import RATE_WINDOW, UserState, decide
 
 
 class Book:
@@ -55,8 +55,9 @@ class Books:
         # admission times are only kept when a rate limit needs them
         state = UserState(daily=book.days.items(), held=sum(a for a, _ in book.holds.values()),
                           inflight=len(book.holds), recent=book.recent if request.rpm else None)
-        [admission], rows = decide_batch([request], {request.email: state}, now, self._ids.__next__)
-        for hold_id, _, amount, created, expires in rows:
+        admission, row = decide(request, state, now, self._ids.__next__)
+        if row is not None:
+            hold_id, _, amount, created, expires = row
             book.holds[hold_id] = (amount, expires)
             if request.rpm:
                 book.recent.append(created)

@@ -107,10 +107,9 @@ class Ledger:
                 # nobody waits on these writes, so gather more into one transaction; a user's first
                 # request, which waits for its spend to be read, cuts the wait short
                 self._hurry.clear()
-                try:
-                    await asyncio.wait_for(self._hurry.wait(), LINGER)
-                except asyncio.TimeoutError:
-                    pass
+                timer = asyncio.get_running_loop().call_later(LINGER, self._hurry.set)
+                await self._hurry.wait()
+                timer.cancel()
             self._wake.clear()
             due = self._closing or time.monotonic() >= self._settle_after
             written = await self._write_settles() if due else False

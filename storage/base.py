@@ -136,31 +136,40 @@ def decide_batch(
 ) -> tuple[list[Admission], list[tuple]]:
     """Admit requests in order against each user's state; returns admissions and hold rows to insert.
 
-    A request is admitted when settled spend + open holds < limit, the user has fewer than
-    max_inflight requests open and fewer than rpm requests in the last minute. Each admitted
-    request's hold counts against the ones after it in the same batch.
+    Each admitted request's hold counts against the ones after it in the same batch (see decide).
     """
     admissions, rows = [], []
     for req in requests:
-        st = states[req.email]
-        since = req.since.isoformat()
-        spent = sum(cost for day, cost in st.daily if day >= since)
-        recent = st.recent or []
-        if req.max_inflight and st.inflight >= req.max_inflight:
-            admissions.append(Admission(None, spent, st.held, "concurrency", 1))
-        elif req.rpm and len(recent) >= req.rpm:
-            wait = recent[len(recent) - req.rpm] + RATE_WINDOW - now
-            admissions.append(Admission(None, spent, st.held, "rate", max(1, int(wait + 0.999))))
-        elif spent + st.held >= req.limit:
-            admissions.append(Admission(None, spent, st.held, "budget"))
-        else:
-            hold_id = new_id()
-            rows.append((hold_id, req.email, req.amount, now, now + req.hold_seconds))
-            admissions.append(Admission(hold_id, spent, st.held))
-            st.held += req.amount
-            st.inflight += 1
-            st.recent = recent + [now]
+        admission, row = decide(req, states[req.email], now, new_id)
+        admissions.append(admission)
+        if row is not None:
+            rows.append(row)
     return admissions, rows
+
+
+def decide(req: HoldRequest, st: UserState, now: float, new_id) -> tuple[Admission, tuple | None]:
+    """Admit one request against its user's state: the admission, and the hold row to insert (None if refused).
+
+    A request is admitted when settled spend + open holds < limit, the user has fewer than
+    max_inflight requests open and fewer than rpm requests in the last minute. An admitted request's
+    hold is added to st.
+    """
+    since = req.since.isoformat()
+    spent = sum(cost for day, cost in st.daily if day >= since)
+    recent = st.recent or []
+    if req.max_inflight and st.inflight >= req.max_inflight:
+        return Admission(None, spent, st.held, "concurrency", 1), None
+    if req.rpm and len(recent) >= req.rpm:
+        wait = recent[len(recent) - req.rpm] + RATE_WINDOW - now
+        return Admission(None, spent, st.held, "rate", max(1, int(wait + 0.999))), None
+    if spent + st.held >= req.limit:
+        return Admission(None, spent, st.held, "budget"), None
+    hold_id = new_id()
+    admission = Admission(hold_id, spent, st.held)
+    st.held += req.amount
+    st.inflight += 1
+    st.recent = recent + [now]
+    return admission, (hold_id, req.email, req.amount, now, now + req.hold_seconds)
 
 
 def add_hold(state: UserState, amount: float, created: float, is_open: bool, now: float) -> None:

@@ -20,13 +20,25 @@ import time
 import urllib.request
 
 from . import bench_client as load
-from .bench_procs import LITELLM_KEY, ROOT, Gateway, free_port, peak_rss_mb, reset_peak_rss, spawn, stop_all, tokens, wait_http
+from .bench_procs import (
+    LITELLM_KEY,
+    ROOT,
+    Gateway,
+    cpu_seconds,
+    free_port,
+    peak_rss_mb,
+    reset_peak_rss,
+    spawn,
+    stop_all,
+    tokens,
+    wait_http,
+)
 from .bench_report import render_table, summarise_cases, targets
 
 PATHS = {"direct": "/v1/chat/completions", "passthrough": "/v1/chat/completions", "litellm": "/v1/chat/completions"}
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
 STREAM = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"max_tokens":64,"stream":true}'
-METRICS = ("rps", "p50", "p99", "ttfb_p50", "ttfb_p99", "rss", "max_gap")
+METRICS = ("rps", "p50", "p99", "ttfb_p50", "ttfb_p99", "rss", "max_gap", "cpu_ms")
 
 
 class Server:
@@ -90,12 +102,16 @@ class Bench:
         before = server.gateway.settled() if server.gateway else None
         if server.proc is not None:
             reset_peak_rss(server.proc)
+            cpu_before = cpu_seconds(server.proc)
         if kind == "json" and load.have_wrk() and not self.args.asyncio_only:
             r = load.run_wrk(server.port, server.path, CHAT, toks, concurrency, duration, self.work)
         else:
             body = body or (CHAT if kind == "json" else STREAM)
             r = load.run_load(server.port, path or server.path, body, toks, concurrency, duration, **kw)
         r["rss"] = peak_rss_mb(server.proc) if server.proc is not None else float("nan")
+        # the server's CPU time per answered request: steadier than req/s when the machine is shared
+        r["cpu_ms"] = (1000 * (cpu_seconds(server.proc) - cpu_before) / r["ok"]
+                       if server.proc is not None and r["ok"] else float("nan"))
         if server.gateway:
             after = server.gateway.settled()
             r["billed"], r["billed_cost"] = after[0] - before[0], after[1] - before[1]
@@ -103,7 +119,7 @@ class Bench:
                 self.notes.append(f"{case} {arm}: only {r['billed']} of {r['ok']} answered requests were billed")
         self.samples.setdefault((case, arm.split("#")[0]), []).append(r)
         print(f"  {case:<22} {arm:<12} {r['rps']:8.1f}/s p50 {r['p50']:7.2f} ms p99 {r['p99']:7.2f} ms "
-              f"errors {r['errors']} rss {r['rss']:.0f} MB", file=sys.stderr, flush=True)
+              f"errors {r['errors']} rss {r['rss']:.0f} MB cpu {r['cpu_ms']:.3f} ms/req", file=sys.stderr, flush=True)
         return r
 
     def warm(self, arms: list[str]) -> None:

@@ -133,6 +133,20 @@ def peak_rss_mb(proc: subprocess.Popen) -> float:
     return total / 1024
 
 
+def cpu_seconds(proc: subprocess.Popen) -> float:
+    """User + system CPU time used so far by the server's processes (Linux /proc), in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in server_pids(proc):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / ticks
+
+
 def tokens() -> list[str]:
     return [mint_token(email, SECRET) for email in USERS]
 

@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         load.run_load(gw.port, path, CHAT, toks, 16, 2.0, max_requests=8)
         raw = args.out or os.path.join(work, "profile.txt")
         spy = subprocess.Popen(["py-spy", "record", "-p", str(gw.proc.pid), "-d", str(int(args.seconds)), "-r", "250",
-                                "-f", "raw", "-o", raw, "--nonblocking", "--threads"], stdout=subprocess.DEVNULL,
+                                "-f", "raw", "-o", raw, "--threads"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         result: dict = {}
         runner = threading.Thread(target=lambda: result.update(

@@ -20,7 +20,6 @@ def summarise_cases(samples: dict[tuple[str, str], list[dict]], metrics: tuple[s
         row.update({m: median([r.get(m, float("nan")) for r in runs]) for m in metrics})
         row.update({k: sum(r.get(k, 0) for r in runs) for k in SUMMED if any(k in r for r in runs)})
         rows.append(row)
-    by = {(r["case"], r["arm"]): r for r in rows}
     for row in rows:
         case, stream = row["case"], "stream" in row["case"] or "hold" in row["case"]
         mine = samples[(case, row["arm"])]
@@ -59,7 +58,7 @@ def fmt(value, spec: str = ".1f") -> str:
 def render_table(rows: list[dict]) -> str:
     """A Markdown table (readable in a terminal too)."""
     head = ["case", "arm", "req/s", "p50 ms", "p99 ms", "TTFB p50 ms", "errors", "peak RSS MB",
-            "x passthrough", "x litellm", "added ms", "billed/ok"]
+            "CPU ms/req", "x passthrough", "x litellm", "added ms", "billed/ok"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         billed = f"{r['billed']}/{r['ok']}" if "billed" in r else "-"
@@ -67,7 +66,7 @@ def render_table(rows: list[dict]) -> str:
         stream = "stream" in r["case"] or "hold" in r["case"]
         cells = [r["case"], r["arm"], fmt(r["rps"]), fmt(r["p50"], ".2f"), fmt(r["p99"], ".2f"),
                  fmt(r["ttfb_p50"], ".2f") if stream else "-", errors, fmt(r["rss"], ".0f"),
-                 fmt(r["x_passthrough"], ".2f"), fmt(r["x_litellm"], ".1f"), fmt(r["added_ms"], "+.2f"), billed]
+                 fmt(r.get("cpu_ms"), ".3f"), fmt(r["x_passthrough"], ".2f"), fmt(r["x_litellm"], ".1f"), fmt(r["added_ms"], "+.2f"), billed]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

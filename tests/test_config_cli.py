@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import stat
@@ -106,9 +107,12 @@ def test_serve_starts_serves_and_stops_on_sigterm(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "aipipe", "serve", "--port", str(port)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        secret = "tok-" + "q" * 20
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/nosuch/x?key={secret}",
+                                         headers={"Authorization": f"Bearer {secret}"})
         for _ in range(100):
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/nosuch/x", timeout=1):
+                with urllib.request.urlopen(request, timeout=1):
                     pass
             except urllib.error.HTTPError as e:
                 assert e.code == 404
@@ -120,6 +124,12 @@ def test_serve_starts_serves_and_stops_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0 and "shutting down" in out
+        # one access line per request, in the log's format, before the lines logged after it; no query, no token
+        lines = out.splitlines()
+        access = [i for i, line in enumerate(lines) if re.fullmatch(
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING aipipe\.access: 404 GET /nosuch/x \d+\.\dms", line)]
+        assert len(access) == 1 and access[0] < next(i for i, line in enumerate(lines) if "shutting down" in line)
+        assert secret not in out
         assert (tmp_path / "aipipe.db").exists()
     finally:
         if proc.poll() is None:

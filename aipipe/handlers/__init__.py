@@ -5,6 +5,7 @@ from .admin import AdminHandler
 from .base import NotFoundHandler
 from .fetch_proxy import proxy_routes
 from .pages import page_routes
+from ..providers import PROVIDERS
 from .proxy import ProviderHandler
 from .similarity import SimilarityHandler
 from .token import token_routes
@@ -12,9 +13,12 @@ from .usage import UsageHandler
 
 
 def routes(gateway) -> list:
-    """Every route of the server; providers come last as they claim any first path segment."""
+    """Every route of the server. Tornado tries them in order: calls to known providers, the bulk of the
+    traffic, match first; any other first path segment reaches ProviderHandler last, which answers 404."""
     deps = {"gateway": gateway}
+    known = "|".join(sorted(PROVIDERS))
     return [
+        (rf"/({known})/(.*)", ProviderHandler, deps),
         (r"/usage/?", UsageHandler, deps),
         (r"/admin/([^/]*)/?", AdminHandler, deps),
         *token_routes(gateway),

@@ -24,14 +24,15 @@ class ApiHandler(tornado.web.RequestHandler):
         self.gw = gateway
 
     def set_default_headers(self) -> None:
+        # Browsers read Allow-Methods and Allow-Headers only on a preflight answer (options() below).
         self.set_header("Access-Control-Allow-Origin", "*")
-        self.set_header("Access-Control-Allow-Methods", ALLOW_METHODS)
-        requested = self.request.headers.get("Access-Control-Request-Headers")
-        self.set_header("Access-Control-Allow-Headers", requested or "Authorization, Content-Type")
         self.set_header("Access-Control-Expose-Headers", EXPOSE_HEADERS)
 
     def options(self, *args: Any) -> None:
         """CORS preflight: 200, no auth, cached for a day."""
+        self.set_header("Access-Control-Allow-Methods", ALLOW_METHODS)
+        requested = self.request.headers.get("Access-Control-Request-Headers")
+        self.set_header("Access-Control-Allow-Headers", requested or "Authorization, Content-Type")
         self.set_header("Access-Control-Max-Age", "86400")
         self.set_status(200)
         self.finish()

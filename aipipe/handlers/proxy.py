@@ -121,10 +121,12 @@ class ProviderHandler(ApiHandler):
         key = identity.native_key or self.gw.provider_key(self.provider_name)
         admission = None if identity.is_native else await self.gw.admit(identity.email, call.hold)
         self.call, self.outcome, self.native = call, Outcome(), identity.is_native
+        self._priced = False  # outcome.cost is final (a JSON answer, priced for its X-AIPipe-Cost header)
         try:
             await self._forward(key)
         finally:
-            self.outcome.cost = self._cost()
+            if not self._priced:
+                self.outcome.cost = self._cost()
             if admission is not None:
                 elapsed = (time.perf_counter() - self.started) * 1000
                 self.gw.settle(identity.email, admission, self.provider_name, call, self.outcome, elapsed)
@@ -301,7 +303,8 @@ class ProviderHandler(ApiHandler):
             except orjson.JSONDecodeError:
                 pass
             self.outcome.output_bytes = len(body)
-            self.set_header("X-AIPipe-Cost", f"{self._cost():.10f}".rstrip("0").rstrip(".") or "0")
+            self.outcome.cost, self._priced = self._cost(), True
+            self.set_header("X-AIPipe-Cost", f"{self.outcome.cost:.10f}".rstrip("0").rstrip(".") or "0")
         self._set_overhead()
         if body:  # none on a 204 or 304, which Tornado refuses to send with one
             self.write(body)

@@ -1,0 +1,119 @@
+"""The `aipipe` command's logging: the same lines as the standard formatter, fewer writes, and the access
+log's shortcut taken only when nothing else would see its records."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+
+import pytest
+
+from aipipe import logs
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """The handler setup_logging installs, writing to a CountingStream."""
+    stream = CountingStream()
+    handler = logs.TurnHandler(stream)
+    handler.setFormatter(logs.Formatter(logs.FORMAT))
+    monkeypatch.setattr(logs, "_installed", handler)
+    return handler, stream
+
+
+@contextlib.contextmanager
+def sole_root_handler(handler, extra=()):
+    """The root logger with only `handler` (and `extra`) for a while: pytest's own capture handlers step aside."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers = [handler, *extra]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers, root.level = saved
+
+
+def standard_line(level: int, name: str, message: str, created: float) -> str:
+    """What logging's own Formatter makes of such a record."""
+    record = logging.LogRecord(name, level, __file__, 1, message, None, None)
+    record.created, record.msecs = created, (created - int(created)) * 1000
+    return logging.Formatter(logs.FORMAT).format(record) + "\n"
+
+
+@pytest.mark.parametrize("created", [1764470400.0, 1764470400.999, 1764473999.0405])
+def test_shortcut_writes_the_line_the_standard_formatter_would(installed, created):
+    handler, stream = installed
+    handler.write_line(logging.WARNING, "aipipe.access", "404 GET /nosuch 0.3ms", now=created)
+    assert stream.getvalue() == standard_line(logging.WARNING, "aipipe.access", "404 GET /nosuch 0.3ms", created)
+
+
+def test_formatted_records_match_the_standard_formatter():
+    record = logging.LogRecord("aipipe", logging.INFO, __file__, 1, "listening on %s", ("x",), None)
+    for created in (1764470400.25, 1764470400.5, 1764470401.0):  # the cached second changes in between
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert logs.Formatter(logs.FORMAT).format(record) == logging.Formatter(logs.FORMAT).format(record)
+
+
+def test_lines_of_one_loop_turn_leave_in_one_flush(installed):
+    handler, stream = installed
+    log = logging.getLogger("aipipe.test.turns")
+
+    async def main():
+        for i in range(5):
+            log.info("line %d", i)
+        within = stream.flushes
+        await asyncio.sleep(0)  # the end of the turn
+        return within
+
+    with sole_root_handler(handler):
+        assert asyncio.run(main()) == 0
+        assert stream.flushes == 1 and stream.getvalue().count("\n") == 5
+        log.info("outside a loop")  # written at once
+        assert stream.flushes == 2 and stream.getvalue().endswith("aipipe.test.turns: outside a loop\n")
+
+
+def test_access_lines_take_the_shortcut_and_respect_levels(installed, monkeypatch):
+    handler, stream = installed
+    made = []
+    factory = logging.getLogRecordFactory()
+    access = logging.getLogger("aipipe.access")
+    with sole_root_handler(handler):
+        write = logs.line_writer(access)
+        logging.setLogRecordFactory(lambda *a, **k: made.append(a) or factory(*a, **k))
+        try:
+            write(logging.INFO, "200 POST /openai/v1/chat/completions 1.2ms")
+            access.setLevel(logging.WARNING)
+            write(logging.INFO, "200 GET /usage 0.4ms")
+            write(logging.WARNING, "429 POST /openai/v1/chat/completions 0.5ms")
+        finally:
+            logging.setLogRecordFactory(factory)
+            access.setLevel(logging.NOTSET)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "INFO aipipe.access: 200 POST /openai/v1/chat/completions 1.2ms",
+        "WARNING aipipe.access: 429 POST /openai/v1/chat/completions 0.5ms"]
+    assert made == []  # no LogRecord was made
+
+
+def test_access_lines_go_through_logging_when_other_handlers_listen(installed):
+    handler, stream = installed
+    records = []
+    listener = logging.Handler()
+    listener.emit = records.append  # another handler on the root: the shortcut would bypass it
+    with sole_root_handler(handler, [listener]):
+        write = logs.line_writer(logging.getLogger("aipipe.access"))
+        write(logging.INFO, "200 GET /usage 0.4ms")
+    assert [r.getMessage() for r in records] == ["200 GET /usage 0.4ms"]
+    assert stream.getvalue().endswith(" INFO aipipe.access: 200 GET /usage 0.4ms\n")
