@@ -240,12 +240,24 @@ class ProviderHandler(ApiHandler):
             events = split_events(region)
             length = sum(map(data_length, events))
         self.outcome.output_bytes += length
-        if may_report:
-            for raw in reversed(events or split_events(region)):
-                usage = event_usage(raw)
+        if not may_report:
+            return
+        if events is None:  # one-line events only: look at those naming usage, last first, without splitting all
+            pos = region.rfind(b"usage")
+            while pos >= 0:
+                before = region.rfind(b"\n\n", 0, pos)
+                start = before + 2 if before >= 0 else 0
+                usage = event_usage(region[start:region.find(b"\n\n", pos) + 2])
                 if usage is not None:
                     self.outcome.usage = usage
                     return
+                pos = region.rfind(b"usage", 0, start)
+            return
+        for raw in reversed(events):
+            usage = event_usage(raw)
+            if usage is not None:
+                self.outcome.usage = usage
+                return
 
     def _send(self, data: bytes):
         """Write data and flush now; the returned future (None once the client left) is done when it is out."""
