@@ -8,20 +8,21 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from datetime import date
 
 from tornado.httpclient import AsyncHTTPClient
 
 from .auth import AuthError, Identity, TokenVerifier, is_native_key, token_from_headers
 from .books import Books
 from .budget import over_budget_message, today_utc, window_start
-from .config import Config
+from .config import Budget, Config
 from .errors import ApiError
 from .ledger import Ledger
 from .pricing import PriceTable
 from .providers.base import Call
 from .providers.openrouter import ModelCatalog
-from .upstream import Upstream
 from .storage import Admission, Charge, HoldRequest, Store, StoreUnavailable
+from .upstream import Upstream
 
 log = logging.getLogger("aipipe")
 STORE_DOWN = "Usage store unavailable, try again shortly"
@@ -57,6 +58,7 @@ class Gateway:
         self.upstream = Upstream()  # provider calls
         self.http = AsyncHTTPClient(force_instance=True)  # Google's keys, OpenRouter's model list
         self._catalog: ModelCatalog | None = None
+        self._windows: dict[str, tuple[date, Budget, date]] = {}  # email -> (today, budget, window start)
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -149,8 +151,8 @@ class Gateway:
 
     async def admit(self, email: str, hold: float) -> Admission:
         """Check budget, concurrency and rate, and hold `hold` USD; 429 or 503 when refused."""
-        budget = self.config.budget_for(email)
-        request = HoldRequest(email=email, amount=hold, since=window_start(budget, today_utc()), limit=budget.limit,
+        budget, since = self._window(email)
+        request = HoldRequest(email=email, amount=hold, since=since, limit=budget.limit,
                               max_inflight=self._max_inflight, rpm=self._rpm, hold_seconds=self._hold_seconds)
         try:
             admission = await self.ledger.reserve(request)
@@ -166,6 +168,17 @@ class Gateway:
             raise ApiError(429, f"Rate limit: at most {request.rpm} requests per minute",
                            {"Retry-After": str(admission.retry_after)})
         return admission
+
+    def _window(self, email: str) -> tuple[Budget, date]:
+        """The user's budget and the first day of its window today (looked up once a day per user)."""
+        today = today_utc()
+        known = self._windows.get(email)
+        if known is None or known[0] != today:
+            if len(self._windows) >= 100_000:
+                self._windows.clear()
+            budget = self.config.budget_for(email)
+            known = self._windows[email] = (today, budget, window_start(budget, today))
+        return known[1], known[2]
 
     def settle(self, email: str, admission: Admission, provider: str, call: Call, outcome: Outcome,
                duration_ms: float) -> asyncio.Future:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +34,8 @@ def test_quick_bench_serves_every_arm_without_errors_and_bills_every_gateway_cal
     gateway = rows["gateway"]
     assert gateway["billed"] >= gateway["ok"]  # requests cut off by the end of the run are billed too
     assert gateway["rss"] > 0
+    for arm in ("passthrough", "gateway"):  # the server's CPU time per answered request, from /proc
+        assert 0 < rows[arm]["cpu_ms"] < 1000, arm
 
 
 @pytest.mark.slow
@@ -45,3 +48,17 @@ def test_quick_streams_and_held_streams_are_all_relayed_and_billed(tmp_path, req
     held = rows_by_arm(result, "3 hold 200 streams")["gateway"]
     assert held["ok"] == 200 and held["errors"] == 0 and not held["stalled"]
     assert held["billed"] == 200
+
+
+@pytest.mark.slow
+def test_instruction_counts_are_taken_for_both_servers(request):
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("about a minute under valgrind: run with -m slow")
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    from .bench_instructions import main
+    rows = {r["arm"]: r for r in main(["--requests", "16"])}
+    assert set(rows) == {"gateway", "passthrough"}
+    for arm, row in rows.items():
+        assert row["ok"] == 16 and row["errors"] == 0, arm
+        assert 100_000 < row["per_call"] < 100_000_000, arm  # a Python server's call, not zero, not the start-up

@@ -12,6 +12,7 @@ import pytest
 
 from aipipe.books import Books
 from aipipe.budget import today_utc
+from aipipe.errors import ApiError
 from aipipe.ledger import Ledger
 from aipipe.storage import Charge, HoldRequest, StoreConfigError, StoreUnavailable, open_store
 
@@ -175,3 +176,20 @@ def test_idle_users_are_forgotten_and_reread_holds_survive_a_reread():
         books.settle(charge(0.0, hold_id=a.hold_id, kind="release"))
     books.prune(now + 1)
     assert "m@example.com" not in books.users and not books.ready(request())
+
+
+@pytest.mark.gen_test
+async def test_a_rolling_window_moves_on_at_midnight(make_gateway, monkeypatch):
+    """Budgets and window starts are looked up once a day per user: yesterday's spend leaves a 1-day window
+    the moment the UTC date changes, in the same server."""
+    import aipipe.gateway
+    gw = await make_gateway(budget={"*": {"limit": 0.05, "days": 1}})
+    day = date(2026, 11, 30)
+    monkeypatch.setattr(aipipe.gateway, "today_utc", lambda: day)
+    await gw.set_cost("night@example.com", day, 0.05)  # the whole budget, spent today
+    with pytest.raises(ApiError) as refused:
+        await gw.admit("night@example.com", 0.001)
+    assert refused.value.status_code == 429 and "Usage $0.05 / $0.05 in 1 days" in refused.value.message
+    day = date(2026, 12, 1)  # midnight passes
+    admission = await gw.admit("night@example.com", 0.001)
+    assert admission.hold_id is not None and admission.spent == 0.0

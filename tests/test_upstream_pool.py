@@ -287,3 +287,71 @@ async def test_no_content_answer_with_a_json_type_is_relayed_as_such(make_gatewa
     assert r.code == 204 and r.body == b""
     assert await spent(gw, "nc@example.com") == 0
     provider.server.close()
+
+
+# -- upstream_timeout: one watchdog for all calls in flight ------------------------------------------------------
+async def silent_provider() -> tuple[asyncio.AbstractServer, str]:
+    """A provider that takes requests and never answers."""
+    async def provider(reader, writer):
+        await reader.read(65536)
+        await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(provider, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+
+
+async def ask(client, url: str, timeout: float):
+    async def ignore(data: bytes) -> None:
+        pass
+    return await client.exchange("POST", url, {"Content-Type": "application/json"}, b"{}", connect_timeout=5,
+                                 timeout=timeout, on_start=lambda *a: None, on_chunk=ignore)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_calls_are_cut_at_their_own_deadline_and_leave_no_cancellation_behind():
+    from aipipe.upstream import WATCH_EVERY, Upstream, describe, is_timeout
+    server, url = await silent_provider()
+    client = Upstream()
+    try:
+        async def timed(timeout: float):
+            started = time.monotonic()
+            error = await ask(client, url, timeout)
+            await asyncio.sleep(0.01)  # the task goes on: no cancellation is left pending on it
+            return error, time.monotonic() - started, asyncio.current_task().cancelling()
+
+        (short, short_took, left1), (long, long_took, left2) = await asyncio.gather(timed(0.3), timed(1.2))
+        for error in (short, long):
+            assert is_timeout(error) and describe(error) == "no answer in time"
+        assert 0.3 <= short_took < 0.3 + WATCH_EVERY + 0.3 and 1.2 <= long_took < 1.2 + WATCH_EVERY + 0.3
+        assert left1 == left2 == 0
+        assert not client._deadlines and not client._cut
+    finally:
+        await client.close()
+        server.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_call_cancelled_from_outside_is_cancelled_not_timed_out():
+    from aipipe.upstream import Upstream
+    server, url = await silent_provider()
+    client = Upstream()
+    try:
+        task = asyncio.ensure_future(ask(client, url, 0.5))
+        await asyncio.sleep(0.2)
+        task.cancel()  # a shutdown, say, before the deadline
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # cancelled from outside in the same moment the watchdog cuts it: still a cancellation
+        task = asyncio.ensure_future(ask(client, url, 30))
+        await asyncio.sleep(0.2)
+        client._deadlines[task] = 0.0  # due now
+        client._watch(asyncio.get_running_loop())
+        assert client._cut == {task}
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not client._deadlines and not client._cut
+    finally:
+        await client.close()
+        server.close()
