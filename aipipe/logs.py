@@ -41,36 +41,62 @@ class Formatter(logging.Formatter):
 
 
 class TurnHandler(logging.StreamHandler):
-    """A StreamHandler on a block-buffered stream that is flushed once per event-loop turn."""
+    """A StreamHandler on a block-buffered stream that is flushed once per event-loop turn.
+
+    `per_turn = False` flushes after every line instead, as a StreamHandler does: for worker processes
+    sharing one standard error, where only a write of whole lines of at most 4 KB (PIPE_BUF) is sure not
+    to be interleaved with another process's write.
+    """
+
+    per_turn = True
 
     def __init__(self, stream) -> None:
         super().__init__(stream)
         self._due = False  # a flush is scheduled on the running loop
+        self._failing = False  # the last write failed (reported once, then dropped until one succeeds)
 
     def flush(self) -> None:  # StreamHandler.emit calls this after every record
         try:
-            loop = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop() if self.per_turn else None
         except RuntimeError:  # not in the loop's thread, or no loop: write now
+            loop = None
+        if loop is None:
             super().flush()
-            return
-        if not self._due:
+        elif not self._due:
             self._due = True
             loop.call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
         self._due = False
-        super().flush()
+        try:
+            super().flush()
+            self._failing = False
+        except Exception:  # stderr closed or disk full: say so once, never fail the loop (or log about it each turn)
+            self._report_failure("log lines could not be written")
+
+    def _report_failure(self, what: str) -> None:
+        if not self._failing:
+            self._failing = True
+            self.handleError(logging.makeLogRecord({"msg": what}))
 
     def write_line(self, level: int, name: str, message: str, now: float | None = None) -> None:
         """Write what a record of logger `name` made at `now` would become, without making the record."""
-        stamp = self.formatter.stamp(time.time() if now is None else now)
-        line = f"{stamp} {logging.getLevelName(level)} {name}: {message}{self.terminator}"
         with self.lock:
-            self.stream.write(line)
-            self.flush()
+            try:
+                stamp = self.formatter.stamp(time.time() if now is None else now)
+                self.stream.write(f"{stamp} {logging.getLevelName(level)} {name}: {message}{self.terminator}")
+                self.flush()
+            except Exception:  # as StreamHandler.emit: a failed log line never fails the request
+                self._report_failure(message)
 
 
 _installed: TurnHandler | None = None  # the handler setup_logging put on the root logger
+
+
+def write_each_line() -> None:
+    """Flush the installed handler after every line (see TurnHandler.per_turn)."""
+    if _installed is not None:
+        _installed.per_turn = False
 
 
 def line_writer(logger: logging.Logger) -> Callable[[int, str], None]:

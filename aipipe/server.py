@@ -19,7 +19,7 @@ from .config import Config
 from .gateway import Gateway
 from .handlers import routes
 from .handlers.page_base import template_environment
-from .logs import line_writer
+from .logs import line_writer, write_each_line
 from .storage import StoreConfigError, mask_url, open_store, url_scheme
 
 log = logging.getLogger("aipipe")
@@ -114,6 +114,8 @@ def run(config: Config, host: str, port: int, processes: int = 1) -> None:
         log.warning("%d processes on one SQLite file admit every call through the file, which measured slower than one "
                     "process on its own (README, Performance); PostgreSQL is what scales across processes", processes)
     if processes > 1:
+        write_each_line()  # the workers share standard error: one whole line per write
+        gc.freeze()  # what the parent loaded stays shared with the workers instead of being copied by the collector
         parent = os.getpid()
         task_id = tornado.process.fork_processes(processes)
         _stop_with_parent(parent)

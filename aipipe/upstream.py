@@ -45,7 +45,7 @@ class Upstream:
         # call through asyncio.timeout was 1.4% of the instructions of a proxied chat call)
         self._deadlines: dict[asyncio.Task, float] = {}  # calls in flight -> loop time they must end by
         self._cut: set[asyncio.Task] = set()  # those the watchdog cancelled
-        self._watching = False
+        self._watching: asyncio.AbstractEventLoop | None = None  # the loop the watchdog ticks on
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -68,9 +68,10 @@ class Upstream:
         limits = _connect_timeout(connect_timeout)
         task = asyncio.current_task()
         cancelling = task.cancelling()  # cancellations already asked for, not ours (as asyncio.timeout does)
-        self._deadlines[task] = loop.time() + timeout
-        if not self._watching:
-            self._watching = True
+        outer = self._deadlines.get(task)  # a call made while the same task waits on another: the earlier deadline
+        self._deadlines[task] = loop.time() + timeout if outer is None else min(outer, loop.time() + timeout)
+        if self._watching is not loop:
+            self._watching = loop
             loop.call_later(WATCH_EVERY, self._watch, loop)
         try:
             for attempt in (1, 2):
@@ -96,21 +97,31 @@ class Upstream:
                 return TimeoutError(f"no answer within {timeout:g} s")
             raise  # someone else's cancellation (a shutdown, say): not a timeout
         finally:
-            del self._deadlines[task]
+            if outer is None:
+                self._deadlines.pop(task, None)
+            else:
+                self._deadlines[task] = outer
             self._cut.discard(task)
         return None  # not reached: the second attempt returns
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Cancel the calls past their deadline; look again in WATCH_EVERY seconds while calls are in flight."""
-        now = loop.time()
-        for task, deadline in self._deadlines.items():
+        if self._watching is not loop:  # calls moved to another loop, which has a watchdog of its own
+            return
+        now, mine = loop.time(), False
+        for task, deadline in list(self._deadlines.items()):
+            if task.get_loop() is not loop:
+                if task.get_loop().is_closed():  # left behind by a loop that ended
+                    del self._deadlines[task]
+                continue
+            mine = True
             if deadline <= now and task not in self._cut:
                 self._cut.add(task)
                 task.cancel()
-        if self._deadlines:
+        if mine:
             loop.call_later(WATCH_EVERY, self._watch, loop)
         else:
-            self._watching = False
+            self._watching = None
 
     async def fetch(self, method: str, url: str, headers: dict[str, str], body: bytes | None, *,
                     connect_timeout: float, timeout: float) -> tuple[int, bytes] | BaseException:

@@ -117,3 +117,46 @@ def test_access_lines_go_through_logging_when_other_handlers_listen(installed):
         write(logging.INFO, "200 GET /usage 0.4ms")
     assert [r.getMessage() for r in records] == ["200 GET /usage 0.4ms"]
     assert stream.getvalue().endswith(" INFO aipipe.access: 200 GET /usage 0.4ms\n")
+
+
+class BrokenStream(io.StringIO):
+    """Standard error whose reader went away: every flush fails."""
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_failing_stderr_is_reported_once_and_never_fails_the_loop_or_a_request(monkeypatch):
+    handler = logs.TurnHandler(BrokenStream())
+    handler.setFormatter(logs.Formatter(logs.FORMAT))
+    reports = []
+    monkeypatch.setattr(handler, "handleError", reports.append)
+    log = logging.getLogger("aipipe.test.broken")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        errors = []
+        loop.set_exception_handler(lambda loop, context: errors.append(context))
+        with sole_root_handler(handler):
+            for i in range(3):
+                handler.write_line(logging.INFO, "aipipe.access", f"200 GET /usage {i}ms")  # does not raise
+                log.warning("something %d", i)
+                await asyncio.sleep(0)
+            flushes_before = handler._due
+            await asyncio.sleep(0.05)  # idle: nothing keeps flushing (and failing) turn after turn
+        return errors, flushes_before
+
+    errors, due = asyncio.run(main())
+    assert errors == [] and due is False
+    assert len(reports) == 1  # said once, not once per line or per turn
+
+
+def test_workers_sharing_stderr_write_each_line_at_once(installed):
+    handler, stream = installed
+    handler.per_turn = False  # what `--processes N` sets before forking
+
+    async def main():
+        handler.write_line(logging.INFO, "aipipe.access", "200 GET /usage 0.4ms")
+        return stream.flushes
+
+    assert asyncio.run(main()) == 1

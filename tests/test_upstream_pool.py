@@ -355,3 +355,46 @@ async def test_a_call_cancelled_from_outside_is_cancelled_not_timed_out():
     finally:
         await client.close()
         server.close()
+
+
+def test_the_watchdog_follows_the_client_to_a_new_event_loop():
+    """A loop that ends right after a call leaves its watchdog behind: the next loop gets one of its own."""
+    from aipipe.upstream import Upstream
+    client = Upstream()
+
+    async def timed_out_call() -> tuple[object, float]:
+        server, url = await silent_provider()
+        started = time.monotonic()
+        try:
+            return await asyncio.wait_for(ask(client, url, 0.3), 5), time.monotonic() - started
+        finally:
+            await client.close()
+            server.close()
+
+    for _ in range(2):  # each asyncio.run ends its loop at once, within the watchdog's 0.25 s
+        error, took = asyncio.run(timed_out_call())
+        assert isinstance(error, TimeoutError) and took < 1.5
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_call_made_inside_another_keeps_the_earlier_deadline_and_cleans_up():
+    from aipipe.upstream import Upstream
+    server, silent = await silent_provider()
+    client = Upstream()
+    inner_errors = []
+    try:
+        async def on_chunk(data: bytes) -> None:  # the outer answer streams; each read makes a call of its own
+            inner_errors.append(await ask(client, silent, 30))
+
+        outer_provider = RawProvider(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n6\r\ndata:1\r\n0\r\n\r\n")
+        url = await outer_provider.start() + "/v1/chat/completions"
+        started = time.monotonic()
+        error = await client.exchange("POST", url, {}, b"{}", connect_timeout=5, timeout=0.5,
+                                      on_start=lambda *a: None, on_chunk=on_chunk)
+        assert error is None and time.monotonic() - started < 2  # the inner call ended at the outer deadline
+        assert len(inner_errors) == 1 and isinstance(inner_errors[0], TimeoutError)
+        assert not client._deadlines and not client._cut
+    finally:
+        await client.close()
+        server.close()
