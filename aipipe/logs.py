@@ -5,8 +5,8 @@ write() system call for every line (Python's stderr is line-buffered), and, for 
 LogRecord and passing it down the handler chain. Here the time text is made once a second; inside the
 server's event loop the lines of one loop turn leave in one write at the end of that turn (outside a
 running loop, each line is written at once); and `line_writer` formats access-log lines straight into the
-handler when nothing else would see their records. Together: about a fifth of what the gateway adds to a
-call (README, Performance).
+handler when nothing else would see their records (that step alone saved 38,000 of the 1.76 million
+instructions of a proxied chat call; README, Performance).
 """
 from __future__ import annotations
 
@@ -27,13 +27,10 @@ class Formatter(logging.Formatter):
     _text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._text, self._second = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)), second
-        return f"{self._text},{int(record.msecs):03d}"
+        return self.stamp(record.created)
 
     def stamp(self, now: float) -> str:
-        """formatTime of a record made at `now`."""
+        """formatTime of a record made at `now` (record.msecs is (created - int(created)) * 1000)."""
         second = int(now)
         if second != self._second:
             self._text, self._second = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)), second
