@@ -69,7 +69,8 @@ class Upstream:
         task = asyncio.current_task()
         cancelling = task.cancelling()  # cancellations already asked for, not ours (as asyncio.timeout does)
         outer = self._deadlines.get(task)  # a call made while the same task waits on another: the earlier deadline
-        self._deadlines[task] = loop.time() + timeout if outer is None else min(outer, loop.time() + timeout)
+        deadline = loop.time() + timeout
+        self._deadlines[task] = deadline if outer is None else min(outer, deadline)
         if self._watching is not loop:
             self._watching = loop
             loop.call_later(WATCH_EVERY, self._watch, loop)

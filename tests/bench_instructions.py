@@ -36,6 +36,7 @@ from .bench_procs import (
     stop_all,
     tokens,
     wait_http,
+    write_config,
 )
 
 CLIENTS = 8
@@ -49,11 +50,7 @@ def count(arm: str, kind: str, requests: int, work: str, upstream_port: int, alt
         cmd = ["-m", "tests.bench_passthrough", "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"]
         path, cwd = "/v1/chat/completions", ROOT
     else:
-        config = os.path.join(folder, "config.toml")
-        with open(config, "w") as f:
-            f.write(f'[storage]\nurl = "sqlite:///{folder}/aipipe.db"\n[budget]\n"*" = {{ limit = 1000000.0, days = 1 }}\n'
-                    f'[limits]\nmax_concurrent_per_user = 2000\n'
-                    f'[providers.openai]\nbase_url = "http://127.0.0.1:{upstream_port}"\n')
+        config = write_config(folder, f"sqlite:///{folder}/aipipe.db", upstream_port)
         cmd = ["-m", "aipipe", "serve", "--config", config, "--env-file", os.path.join(folder, "none.env"),
                "--port", str(port)]
         path, cwd = "/openai/v1/chat/completions", folder

@@ -151,6 +151,17 @@ def tokens() -> list[str]:
     return [mint_token(email, SECRET) for email in USERS]
 
 
+def write_config(folder: str, store_url: str, upstream_port: int, admission: str = "auto") -> str:
+    """A benchmark gateway's config.toml in folder (large budgets, the fake upstream as OpenAI); its path."""
+    path = os.path.join(folder, "config.toml")
+    with open(path, "w") as f:
+        f.write(f'[storage]\nurl = "{store_url}"\nadmission = "{admission}"\n'
+                f'[budget]\n"*" = {{ limit = 1000000.0, days = 1 }}\n'
+                f'[limits]\nmax_concurrent_per_user = 2000\n'
+                f'[providers.openai]\nbase_url = "http://127.0.0.1:{upstream_port}"\n')
+    return path
+
+
 class Gateway:
     """`python -m aipipe serve` with SQLite in workdir, pointed at the fake upstream."""
 
@@ -163,12 +174,7 @@ class Gateway:
         self.schema = f"bench_{os.getpid()}_{name.replace('-', '_')}"
         url = f"{store}{'&' if '?' in store else '?'}schema={self.schema}" if store else f"sqlite:///{self.db}"
         self.port = free_port()
-        config = os.path.join(self.dir, "config.toml")
-        with open(config, "w") as f:
-            f.write(f'[storage]\nurl = "{url}"\nadmission = "{admission}"\n'
-                    f'[budget]\n"*" = {{ limit = 1000000.0, days = 1 }}\n'
-                    f'[limits]\nmax_concurrent_per_user = 2000\n'
-                    f'[providers.openai]\nbase_url = "http://127.0.0.1:{upstream_port}"\n')
+        config = write_config(self.dir, url, upstream_port, admission)
         env = {**os.environ, "AIPIPE_SECRET": SECRET, "OPENAI_API_KEY": OPERATOR_KEY}
         if pythonpath:  # an edited copy of the package, for A/B runs (see --alt-tree)
             env["PYTHONPATH"] = pythonpath
