@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from datetime import date
 
 from .storage import Admission, Charge, HoldRequest
@@ -20,18 +21,20 @@ from .storage.base import RATE_WINDOW, UserState, decide
 class Book:
     """One user's spend per UTC day, open holds and recent admissions."""
 
-    __slots__ = ("days", "since", "holds", "recent")
+    __slots__ = ("days", "since", "holds", "recent", "soonest")
 
     def __init__(self) -> None:
         self.days: dict[str, float] = {}  # YYYY-MM-DD -> settled cost
         self.since: str | None = None  # days from this one on are loaded; None: spend must be (re)read
         self.holds: dict[int, tuple[float, float]] = {}  # hold id -> (amount, expires)
         self.recent: list[float] = []  # admission times in the rate window, oldest first (with a rate limit)
+        self.soonest = math.inf  # no hold expires before this (some may have been released since)
 
     def tidy(self, now: float) -> None:
         """Drop expired holds and admissions older than the rate window."""
-        if any(expires <= now for _, expires in self.holds.values()):
+        if self.soonest <= now:
             self.holds = {i: h for i, h in self.holds.items() if h[1] > now}
+            self.soonest = min((expires for _, expires in self.holds.values()), default=math.inf)
         if self.recent and self.recent[0] <= now - RATE_WINDOW:
             self.recent = self.recent[bisect.bisect_right(self.recent, now - RATE_WINDOW):]
 
@@ -53,12 +56,15 @@ class Books:
         book = self.users[request.email]
         book.tidy(now)
         # admission times are only kept when a rate limit needs them
-        state = UserState(daily=book.days.items(), held=sum(a for a, _ in book.holds.values()),
-                          inflight=len(book.holds), recent=book.recent if request.rpm else None)
+        holds = book.holds
+        state = UserState(book.days.items(), sum(a for a, _ in holds.values()) if holds else 0.0, len(holds),
+                          book.recent if request.rpm else None)
         admission, row = decide(request, state, now, self._ids.__next__)
         if row is not None:
             hold_id, _, amount, created, expires = row
-            book.holds[hold_id] = (amount, expires)
+            holds[hold_id] = (amount, expires)
+            if expires < book.soonest:
+                book.soonest = expires
             if request.rpm:
                 book.recent.append(created)
         return admission

@@ -1,14 +1,27 @@
 """Budget windows: which UTC dates count against a limit, when they reset, and how to say so."""
 from __future__ import annotations
 
+import time
 from datetime import date, datetime, timedelta, timezone
 
 from .config import Budget
 
+EPOCH = date(1970, 1, 1)
+_day: tuple[int, date] = (-1, EPOCH)  # the last UTC date utc_date() worked out, by day number
+
+
+def utc_date(ts: float) -> date:
+    """The UTC date of a Unix time (POSIX days are 86,400 s long), worked out once a day."""
+    global _day
+    number = int(ts // 86400)
+    if number != _day[0]:
+        _day = (number, EPOCH + timedelta(days=number))
+    return _day[1]
+
 
 def today_utc() -> date:
     """Today's date in UTC."""
-    return datetime.now(timezone.utc).date()
+    return utc_date(time.time())
 
 
 def window_start(budget: Budget, today: date) -> date:

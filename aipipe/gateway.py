@@ -14,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from .auth import AuthError, Identity, TokenVerifier, is_native_key, token_from_headers
 from .books import Books
-from .budget import over_budget_message, today_utc, window_start
+from .budget import over_budget_message, today_utc, utc_date, window_start
 from .config import Budget, Config
 from .errors import ApiError
 from .ledger import Ledger
@@ -151,14 +151,38 @@ class Gateway:
 
     async def admit(self, email: str, hold: float) -> Admission:
         """Check budget, concurrency and rate, and hold `hold` USD; 429 or 503 when refused."""
-        budget, since = self._window(email)
-        request = HoldRequest(email=email, amount=hold, since=since, limit=budget.limit,
-                              max_inflight=self._max_inflight, rpm=self._rpm, hold_seconds=self._hold_seconds)
+        budget, request = self._hold_request(email, hold)
         try:
             admission = await self.ledger.reserve(request)
         except StoreUnavailable as e:
-            log.error("store unavailable while admitting a request: %s", e)
-            raise ApiError(503, STORE_DOWN) from None
+            raise self._store_down(e) from None
+        return self._admitted(admission, request, budget)
+
+    def admit_now(self, email: str, hold: float) -> Admission | None:
+        """admit(), when deciding takes no wait (budgets in memory and the user's spend read); else None."""
+        if self.books is None:
+            return None
+        budget, request = self._hold_request(email, hold)
+        try:
+            admission = self.ledger.reserve_now(request)
+        except StoreUnavailable as e:
+            raise self._store_down(e) from None
+        return None if admission is None else self._admitted(admission, request, budget)
+
+    def _hold_request(self, email: str, hold: float) -> tuple[Budget, HoldRequest]:
+        budget, since = self._window(email)
+        return budget, HoldRequest(email, hold, since, budget.limit, self._max_inflight, self._rpm, self._hold_seconds)
+
+    @staticmethod
+    def _store_down(error: StoreUnavailable) -> ApiError:
+        log.error("store unavailable while admitting a request: %s", error)
+        return ApiError(503, STORE_DOWN)
+
+    @staticmethod
+    def _admitted(admission: Admission, request: HoldRequest, budget: Budget) -> Admission:
+        """The admission, or the 429 that tells why it was refused."""
+        if admission.refused is None:
+            return admission
         if admission.refused == "budget":
             raise ApiError(429, over_budget_message(admission.spent + admission.held, budget))
         if admission.refused == "concurrency":
@@ -184,9 +208,8 @@ class Gateway:
                duration_ms: float) -> asyncio.Future:
         """Queue the call's charge (or just release its hold when it cost nothing)."""
         billed = call.billable and 200 <= outcome.status < 300
-        return self.ledger.settle(Charge(
-            email=email, day=today_utc(), cost=outcome.cost if billed else 0.0, hold_id=admission.hold_id,
-            kind="request" if billed else "release", provider=provider, model=call.model,
-            input_tokens=getattr(outcome.usage, "input_tokens", 0), output_tokens=getattr(outcome.usage, "output_tokens", 0),
-            status=outcome.status, duration_ms=duration_ms, streamed=outcome.streamed, aborted=outcome.aborted,
-            ts=time.time()))
+        usage, now = outcome.usage, time.time()
+        return self.ledger.settle(Charge(  # by position, the quickest way to build one
+            email, utc_date(now), outcome.cost if billed else 0.0, admission.hold_id, "request" if billed else "release",
+            provider, call.model, usage.input_tokens if usage else 0, usage.output_tokens if usage else 0,
+            outcome.status, duration_ms, outcome.streamed, outcome.aborted, now))

@@ -39,7 +39,13 @@ class Ledger:
         self.retry_seconds = retry_seconds
         self._reserves: list[tuple[HoldRequest, asyncio.Future]] = []
         self._settles: list[Charge] = []
-        self._settled_waiters: list[asyncio.Future] = []
+        # Who waits for charges to be written: [charges queued so far when last extended, future] per group of
+        # charges queued between two writes (one future per write, not per charge), oldest first.
+        self._marks: list[list] = []
+        self._open_mark: list | None = None  # the group settle() adds to; closed when the writer takes a batch
+        self._queued = 0  # charges ever queued (replayed ones included)
+        self._written = 0  # of those, committed to the store
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()  # set when someone waits on the writer: stop gathering charges
         self._task: asyncio.Task | None = None
@@ -50,48 +56,72 @@ class Ledger:
 
     def start(self) -> None:
         """Start the writer task on the running loop, replaying any spooled charges first."""
-        self._settles[:0] = self._read_spool()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        replayed = self._read_spool()
+        if replayed:
+            self._settles[:0] = replayed
+            self._queued += len(replayed)
+            self._mark()
+        self._task = self._loop.create_task(self._run())
         if self._settles:
             self._wake.set()
 
-    async def reserve(self, request: HoldRequest) -> Admission:
-        """Admit (or refuse) one request; raises StoreUnavailable when the store is down."""
+    def reserve_now(self, request: HoldRequest) -> Admission | None:
+        """reserve()'s answer when it takes no wait (budgets in memory, the user's spend read), else None."""
         if time.monotonic() < self._down_until:  # don't make every caller wait out a dead connection
             raise StoreUnavailable("store was unavailable a moment ago")
         books = self.books
-        if books is not None:
-            if self._settle_failing:  # charges are piling up unwritten: admit no more until they land
-                raise StoreUnavailable("charges could not be written")
-            if books.ready(request):
-                return books.admit(request, time.time())
+        if books is None:
+            return None
+        if self._settle_failing:  # charges are piling up unwritten: admit no more until they land
+            raise StoreUnavailable("charges could not be written")
+        return books.admit(request, time.time()) if books.ready(request) else None
+
+    async def reserve(self, request: HoldRequest) -> Admission:
+        """Admit (or refuse) one request; raises StoreUnavailable when the store is down."""
+        admission = self.reserve_now(request)
+        if admission is not None:
+            return admission
         fut = asyncio.get_running_loop().create_future()
-        (self._reserves if books is None else self._loads).append((request, fut))
+        (self._reserves if self.books is None else self._loads).append((request, fut))
         self._wake.set()
         self._hurry.set()
         return await fut
 
     def settle(self, charge: Charge) -> asyncio.Future:
-        """Queue a charge; the returned future resolves once it is committed (awaiting it is optional)."""
-        fut = asyncio.get_running_loop().create_future()
+        """Queue a charge; the returned future resolves once it is committed (awaiting it is optional).
+
+        Charges queued between two writes share one future."""
         if self.books is not None:
             self.books.settle(charge)
             if charge.kind == "release":  # the hold lived only in memory: nothing to write
+                fut = (self._loop or asyncio.get_running_loop()).create_future()
                 fut.set_result(None)
                 return fut
             charge.hold_id = None  # not a row in the store
         self._settles.append(charge)
-        self._settled_waiters.append(fut)
+        self._queued += 1
         self._wake.set()
-        return fut
+        return self._mark()
+
+    def _mark(self) -> asyncio.Future:
+        """The future of the open group of charges, now also covering the ones queued last."""
+        mark = self._open_mark
+        if mark is None:
+            mark = self._open_mark = [0, (self._loop or asyncio.get_running_loop()).create_future()]
+            self._marks.append(mark)
+        mark[0] = self._queued
+        return mark[1]
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until every charge queued so far is written; StoreUnavailable if that takes longer than timeout."""
-        waiters = list(self._settled_waiters)
+        if self._written >= self._queued:
+            return
+        last = self._marks[-1][1]  # the newest group: it covers every charge queued so far
         self._wake.set()
         self._hurry.set()
         try:
-            await asyncio.wait_for(asyncio.gather(*waiters), timeout)
+            await asyncio.wait_for(asyncio.shield(last), timeout)
         except asyncio.TimeoutError:
             raise StoreUnavailable("pending charges could not be written") from None
 
@@ -125,17 +155,21 @@ class Ledger:
 
     async def _write_settles(self) -> bool:
         """Write queued charges; False if the store refused them (they stay queued)."""
+        self._open_mark = None  # charges queued from now on wait for the next write
         while self._settles:
-            batch, waiters = self._settles[:MAX_BATCH], self._settled_waiters[:MAX_BATCH]
+            batch = self._settles[:MAX_BATCH]
             try:
                 await self.store.settle(batch)
             except Exception as e:  # keep the charges and try again: money is never dropped
                 log.error("could not write %d charges (%s); retrying in %.0fs", len(batch), e, self.retry_seconds)
                 return False
-            del self._settles[:len(batch)], self._settled_waiters[:len(batch)]
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+            del self._settles[:len(batch)]
+            self._written += len(batch)
+            marks = self._marks
+            while marks and marks[0][0] <= self._written:
+                done = marks.pop(0)[1]
+                if not done.done():
+                    done.set_result(None)
         return True
 
     async def _write_reserves(self) -> None:
@@ -213,7 +247,6 @@ class Ledger:
             rows = [json.loads(line) for line in f if line.strip()]
         os.replace(self.spool_path, self.spool_path + ".replayed")
         charges = [Charge(**{**r, "day": date.fromisoformat(r["day"])}) for r in rows]
-        self._settled_waiters[:0] = [asyncio.get_running_loop().create_future() for _ in charges]
         log.warning("replaying %d spooled charges from %s", len(charges), self.spool_path)
         return charges
 

@@ -37,6 +37,9 @@ def price_from_dict(d: dict) -> Price:
 
 def cost_of(price: Price, usage: Usage) -> float:
     """USD for usage at price. Cached, audio and image tokens are parts of the totals, billed at their own rates."""
+    if not (usage.cached_tokens or usage.audio_input_tokens or usage.image_input_tokens or usage.audio_output_tokens
+            or usage.seconds):  # text only, the usual call: the sum below with its zero terms left out (same result)
+        return tokens_cost(price, usage.input_tokens, usage.output_tokens)
     cached = min(usage.cached_tokens, usage.input_tokens)
     audio_in = min(usage.audio_input_tokens, usage.input_tokens - cached)
     image_in = min(usage.image_input_tokens, usage.input_tokens - cached - audio_in)
@@ -52,6 +55,11 @@ def cost_of(price: Price, usage: Usage) -> float:
         + audio_out * _or(price.audio_output, price.output)
     ) / 1e6
     return per_token + usage.seconds / 60 * price.per_minute + price.per_request
+
+
+def tokens_cost(price: Price, input_tokens: int, output_tokens: int) -> float:
+    """USD for text tokens only: cost_of with no cached, audio or image tokens."""
+    return (input_tokens * price.input + output_tokens * price.output) / 1e6 + price.per_request
 
 
 def _or(value: float | None, fallback: float) -> float:

@@ -33,7 +33,7 @@ MAX_HEADER_LINE = 65536  # aiohttp's default (8190) would turn a long provider h
 
 Headers = list[tuple[str, str]]  # an answer's header lines as sent (names and values as Latin-1, like Tornado)
 OnStart = Callable[[int, str, Headers], None]
-OnChunk = Callable[[bytes], Awaitable[None]]
+OnChunk = Callable[[bytes], Awaitable[None] | None]  # a returned awaitable is awaited before the next read
 
 
 class Upstream:
@@ -59,7 +59,7 @@ class Upstream:
     async def exchange(self, method: str, url: str, headers: dict[str, str], body: bytes | None, *,
                        connect_timeout: float, timeout: float, on_start: OnStart,
                        on_chunk: OnChunk) -> BaseException | None:
-        """Send one request; on_start(status, reason, header lines) once, then `await on_chunk(data)` per read.
+        """Send one request; on_start(status, reason, header lines) once, then on_chunk(data) per read.
 
         Returns None when the answer was read to its end, or the error that prevented or cut it short.
         `timeout` bounds the whole call, time spent waiting for a slow client included.
@@ -84,7 +84,9 @@ class Upstream:
                         on_start(response.status, response.reason or "",
                                  [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers])
                         async for data in response.content.iter_any():
-                            await on_chunk(data)
+                            pending = on_chunk(data)
+                            if pending is not None:  # the caller wants to finish with this read first
+                                await pending
                     return None
                 except (aiohttp.ClientError, OSError) as error:
                     stale = (isinstance(error, aiohttp.ServerDisconnectedError) and method not in IDEMPOTENT
@@ -133,11 +135,8 @@ class Upstream:
             nonlocal status
             status = code
 
-        async def on_chunk(data: bytes) -> None:
-            parts.append(data)
-
         error = await self.exchange(method, url, headers, body, connect_timeout=connect_timeout, timeout=timeout,
-                                    on_start=on_start, on_chunk=on_chunk)
+                                    on_start=on_start, on_chunk=parts.append)
         return error if error is not None else (status, b"".join(parts))
 
     async def close(self) -> None:

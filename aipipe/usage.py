@@ -25,7 +25,9 @@ def _int(d: dict | None, *keys: str) -> int:
         return 0
     for k in keys:
         v = d.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v.__class__ is int:  # the usual case, tested first (bool, a subclass of int, is not a count)
+            return v
+        if isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)):
             return int(v)
     return 0
 
@@ -53,21 +55,22 @@ def read_usage(obj) -> Usage | None:
 
 
 def _openai_usage(u: dict, model: str) -> Usage:
-    in_details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or u.get("input_token_details")
-    out_details = u.get("completion_tokens_details") or u.get("output_tokens_details")
-    cost = u.get("cost")
-    return Usage(
-        input_tokens=_int(u, "prompt_tokens", "input_tokens"),
-        output_tokens=_int(u, "completion_tokens", "output_tokens"),
-        cached_tokens=_int(in_details, "cached_tokens"),
-        audio_input_tokens=_int(in_details, "audio_tokens"),
-        audio_output_tokens=_int(out_details, "audio_tokens"),
-        image_input_tokens=_int(in_details, "image_tokens"),
-        reasoning_tokens=_int(out_details, "reasoning_tokens"),
-        seconds=float(u.get("seconds") or 0) if u.get("type") == "duration" else 0.0,
-        cost=float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None,
-        model=model,
-    )
+    usage = Usage(_int(u, "prompt_tokens", "input_tokens"), _int(u, "completion_tokens", "output_tokens"), model=model)
+    details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or u.get("input_token_details")
+    if isinstance(details, dict):
+        usage.cached_tokens = _int(details, "cached_tokens")
+        usage.audio_input_tokens = _int(details, "audio_tokens")
+        usage.image_input_tokens = _int(details, "image_tokens")
+    details = u.get("completion_tokens_details") or u.get("output_tokens_details")
+    if isinstance(details, dict):
+        usage.audio_output_tokens = _int(details, "audio_tokens")
+        usage.reasoning_tokens = _int(details, "reasoning_tokens")
+    if u.get("type") == "duration":  # Whisper's usage for audio it was sent
+        usage.seconds = float(u.get("seconds") or 0)
+    cost = u.get("cost")  # OpenRouter's own figure
+    if cost is not None and isinstance(cost, (int, float)) and not isinstance(cost, bool):
+        usage.cost = float(cost)
+    return usage
 
 
 def _modality_tokens(details, modality: str) -> int:

@@ -121,7 +121,7 @@ class Store:
 RATE_WINDOW = 60.0  # seconds over which requests per minute are counted
 
 
-@dataclass
+@dataclass(slots=True)
 class UserState:
     """What a backend read about one user inside the reserve transaction."""
 

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable
 
 import orjson
 from tornado.iostream import StreamClosedError
@@ -28,6 +29,8 @@ DROP_RESPONSE_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie",
     "openai-organization", "openai-project", "x-consumed-content-encoding",
+    # about the provider's own origin, not ours: HTTP/3 endpoints and HSTS for api.openai.com and the like
+    "alt-svc", "strict-transport-security",
 })
 KEY_REJECTED = "provider credentials misconfigured"
 _NAMED_USAGE = re.compile(rb'"usage"(?!:null)')
@@ -99,7 +102,7 @@ def usage_only(raw: bytes) -> bool:
 class ProviderHandler(ApiHandler):
     """Relays one call to a provider and bills its usage."""
 
-    async def prepare(self) -> None:
+    def prepare(self) -> None:
         self.provider = PROVIDERS.get(self.path_args[0])
         # the route (/geminiv1beta) may differ from the provider's config, key and ledger name (gemini)
         self.provider_name = self.provider.name if self.provider else self.path_args[0]
@@ -107,19 +110,16 @@ class ProviderHandler(ApiHandler):
             raise ApiError(404, f"Unknown provider: {self.provider_name}")
 
     async def get(self, name: str, path: str) -> None:
-        await self.relay("/" + path)
-
-    post = put = patch = delete = head = get
-
-    async def relay(self, path: str) -> None:
         """Authenticate, price, admit, forward, relay and settle one call."""
         self.started = time.perf_counter()
-        identity = self.gw.identify(self.request.headers)
-        req = self.request
-        call = Call(method=req.method, path=path, query=req.query, headers=req.headers, body=req.body)
-        await self.provider.prepare(call, self.gw)
-        key = identity.native_key or self.gw.provider_key(self.provider_name)
-        admission = None if identity.is_native else await self.gw.admit(identity.email, call.hold)
+        gw, req = self.gw, self.request
+        identity = gw.identify(req.headers)
+        call = Call(req.method, "/" + path, req.query, req.headers, req.body)
+        await self.provider.prepare(call, gw)
+        key = identity.native_key or gw.provider_key(self.provider_name)
+        admission = None
+        if not identity.is_native:  # decided on the spot when it can be, without a coroutine
+            admission = gw.admit_now(identity.email, call.hold) or await gw.admit(identity.email, call.hold)
         self.call, self.outcome, self.native = call, Outcome(), identity.is_native
         self._priced = False  # outcome.cost is final (a JSON answer, priced for its X-AIPipe-Cost header)
         try:
@@ -130,6 +130,8 @@ class ProviderHandler(ApiHandler):
             if admission is not None:
                 elapsed = (time.perf_counter() - self.started) * 1000
                 self.gw.settle(identity.email, admission, self.provider_name, call, self.outcome, elapsed)
+
+    post = put = patch = delete = head = get
 
     def _cost(self) -> float:
         call, out = self.call, self.outcome
@@ -157,7 +159,9 @@ class ProviderHandler(ApiHandler):
             raise self._connection_error(error)
         if error is not None:
             log.warning("upstream %s broke off mid-answer: %s", self.provider_name, describe(error))
-        await self._finish_answer()
+        if self._mode == "sse":
+            await self._finish_events()
+        self._finish_answer()
 
     def _connection_error(self, error: BaseException) -> ApiError:
         # The detail, for the operator only; str(), since aiohttp's repr() of some errors shows request headers.
@@ -200,15 +204,18 @@ class ProviderHandler(ApiHandler):
         added = (self._sent_at - self.started) + (time.perf_counter() - self._received_at)
         self.set_header("X-AIPipe-Overhead-Ms", f"{added * 1000:.3f}")
 
-    async def _on_chunk(self, chunk: bytes) -> None:
+    def _on_chunk(self, chunk: bytes) -> Awaitable[None] | None:
+        """A read of the answer; what it returns is awaited before the next read (nothing, for JSON)."""
         mode = self._mode
-        if mode == "sse":
-            await self._relay_events(chunk)
-        elif mode == "json":
+        if mode == "json":
             self._json.append(chunk)
-        elif mode == "raw":
+            return None
+        if mode == "sse":
+            return self._relay_events(chunk)
+        if mode == "raw":
             self.outcome.output_bytes += len(chunk)
-            await self._sent(self._send(chunk))
+            return self._sent(self._send(chunk))
+        return None
 
     async def _relay_events(self, chunk: bytes) -> None:
         """Pass a read of an event stream on, then read it for usage (the bytes do not wait for that)."""
@@ -286,12 +293,10 @@ class ProviderHandler(ApiHandler):
         if getattr(self, "outcome", None) is not None and not self._finished:
             self.outcome.aborted = True
 
-    async def _finish_answer(self) -> None:
+    def _finish_answer(self) -> None:
         if self._mode == "reject":
             raise ApiError(502, KEY_REJECTED)
-        if self._mode == "sse":
-            await self._finish_events()
-        elif self._mode == "json":
+        if self._mode == "json":
             self._finish_json()
         if not self._client_gone:
             self.finish()

@@ -8,7 +8,7 @@ import orjson
 from tornado.httputil import HTTPHeaders, parse_body_arguments
 
 from ..errors import ApiError
-from ..pricing import Price, cost_of
+from ..pricing import Price, cost_of, tokens_cost
 from ..usage import Usage, read_usage
 
 # Request headers a client may send to the provider; everything else (Cookie, Origin, Referer,
@@ -22,7 +22,7 @@ NO_BODY_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")
 MISSING_MODEL = "Pass a JSON body with {model} so we can calculate cost"
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One proxied request, as the provider prepares and prices it."""
 
@@ -70,11 +70,13 @@ class Call:
 
     def max_output_tokens(self) -> int:
         """The largest answer the request allows, from max_tokens and its spellings (0 if none)."""
-        data = self.data if isinstance(self.data, dict) else {}
-        cfg = data.get("generationConfig") if isinstance(data.get("generationConfig"), dict) else {}
+        data = self.data
+        if not isinstance(data, dict):
+            return 0
+        cfg = data.get("generationConfig")
         for v in (data.get("max_completion_tokens"), data.get("max_output_tokens"), data.get("max_tokens"),
-                  cfg.get("maxOutputTokens")):
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                  cfg.get("maxOutputTokens") if isinstance(cfg, dict) else None):
+            if v.__class__ is int and v > 0:  # bool, a subclass of int, is not a count
                 return v
         return 0
 
@@ -95,7 +97,7 @@ def set_hold(call: Call, price: Price, default_hold: float, fixed: float = 0.0) 
     ctype = call.headers.get("Content-Type", "").lower()
     call.input_estimate = len(call.body) // 4 if "json" in ctype else 0
     max_out = call.max_output_tokens()
-    estimate = cost_of(price, Usage(input_tokens=call.input_estimate, output_tokens=max_out))
+    estimate = tokens_cost(price, call.input_estimate, max_out)
     if not max_out and (price.output or price.input) and not fixed:
         estimate += default_hold
     call.hold = estimate + fixed
@@ -106,7 +108,7 @@ def streamed_estimate(call: Call, output_bytes: int) -> float:
     """Cost guessed from what was streamed, for answers that ended without usage."""
     if call.price is None:
         return call.fallback_cost
-    guess = cost_of(call.price, Usage(input_tokens=call.input_estimate, output_tokens=output_bytes // 4))
+    guess = tokens_cost(call.price, call.input_estimate, output_bytes // 4)
     return max(guess, call.fallback_cost)
 
 
