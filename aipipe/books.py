@@ -48,12 +48,17 @@ class Books:
 
     def ready(self, request: HoldRequest) -> bool:
         """Whether the user's spend since request.since is in memory."""
-        book = self.users.get(request.email)
-        return book is not None and book.since is not None and book.since <= request.since.isoformat()
+        return self._ready_book(request) is not None
 
-    def admit(self, request: HoldRequest, now: float) -> Admission:
-        """Decide one request (its user's book must be ready) and hold its amount if admitted."""
-        book = self.users[request.email]
+    def _ready_book(self, request: HoldRequest) -> Book | None:
+        book = self.users.get(request.email)
+        return book if book is not None and book.since is not None and book.since <= request.since.isoformat() else None
+
+    def admit(self, request: HoldRequest, now: float) -> Admission | None:
+        """Decide one request and hold its amount if admitted; None if the user's book is not ready."""
+        book = self._ready_book(request)
+        if book is None:
+            return None
         book.tidy(now)
         # admission times are only kept when a rate limit needs them
         holds = book.holds

@@ -75,7 +75,7 @@ class Ledger:
             return None
         if self._settle_failing:  # charges are piling up unwritten: admit no more until they land
             raise StoreUnavailable("charges could not be written")
-        return books.admit(request, time.time()) if books.ready(request) else None
+        return books.admit(request, time.time())  # None until the user's spend is read
 
     async def reserve(self, request: HoldRequest) -> Admission:
         """Admit (or refuse) one request; raises StoreUnavailable when the store is down."""
@@ -210,7 +210,7 @@ class Ledger:
                 # no await since the read: what is still queued was not in the store when it was read
                 self.books.load(request.email, request.since, daily, self._settles)
             if not fut.done():
-                fut.set_result(self.books.admit(request, time.time()))
+                fut.set_result(self.books.admit(request, time.time()))  # ready now: never None
 
     async def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (waiting at most timeout), spool the rest, and stop."""

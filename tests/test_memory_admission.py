@@ -48,7 +48,8 @@ def test_books_apply_the_store_rules_to_the_cent():
 
 def test_books_concurrency_rate_and_hold_expiry():
     books, now = Books(), 1000.0
-    books.load("m@example.com", TODAY, [], [])
+    assert books.admit(request(), now) is None  # spend not read yet: the writer must read it first
+    books.load("m@example.com", TODAY - timedelta(days=6), [], [])
     a = books.admit(request(max_inflight=1, hold_seconds=10), now)
     assert books.admit(request(max_inflight=1), now).refused == "concurrency"
     assert books.admit(request(max_inflight=1), now + 11).hold_id is not None  # the first hold expired
@@ -163,11 +164,11 @@ async def test_a_write_from_another_program_is_seen_within_seconds(tmp_path, mak
 
 def test_idle_users_are_forgotten_and_reread_holds_survive_a_reread():
     books, now = Books(), 1000.0
-    books.load("m@example.com", TODAY, [(TODAY.isoformat(), 0.5)], [])
+    books.load("m@example.com", TODAY - timedelta(days=6), [(TODAY.isoformat(), 0.5)], [])
     busy = books.admit(request(amount=0.2), now)
     books.forget_spend()  # another program wrote the file: spend is read again, the hold in flight still counts
     assert not books.ready(request())
-    books.load("m@example.com", TODAY, [(TODAY.isoformat(), 0.7)], [])
+    books.load("m@example.com", TODAY - timedelta(days=6), [(TODAY.isoformat(), 0.7)], [])
     again = books.admit(request(amount=0.2), now)
     assert again.spent == pytest.approx(0.7) and again.held == pytest.approx(0.2)
     books.prune(now + 1)

@@ -18,6 +18,7 @@ FORWARD_REQUEST_HEADERS = frozenset({
     "http-referer", "x-title", "x-request-id", "x-client-request-id",
 })
 FORWARD_REQUEST_PREFIXES = ("x-stainless-",)
+_FORWARDED: dict[str, bool] = {}  # request header names (as Tornado spells them) seen so far -> forwarded?
 NO_BODY_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")
 MISSING_MODEL = "Pass a JSON body with {model} so we can calculate cost"
 
@@ -81,6 +82,15 @@ class Call:
         return 0
 
 
+def is_forwarded(name: str) -> bool:
+    """Whether a request header goes on to the provider (the answer is remembered for the first 4,096 names)."""
+    lower = name.lower()
+    forward = lower in FORWARD_REQUEST_HEADERS or lower.startswith(FORWARD_REQUEST_PREFIXES)
+    if len(_FORWARDED) < 4096:  # clients choose header names: keep the memory bounded
+        _FORWARDED[name] = forward
+    return forward
+
+
 def require_price(call: Call, price: Price | None, model: str) -> Price:
     """The price, or 400 `Model X pricing unknown` before anything goes upstream."""
     if price is None:
@@ -128,9 +138,14 @@ class Provider:
         return {"Authorization": f"Bearer {key}"}
 
     def forward_headers(self, call: Call, key: str) -> dict[str, str]:
-        """The allow-listed request headers plus the key."""
-        out = {k: v for k, v in call.headers.get_all()
-               if k.lower() in FORWARD_REQUEST_HEADERS or k.lower().startswith(FORWARD_REQUEST_PREFIXES)}
+        """The allow-listed request headers (a repeated one as one comma-joined value) plus the key."""
+        headers, out = call.headers, {}
+        for name in headers:
+            forward = _FORWARDED.get(name)
+            if forward is None:
+                forward = is_forwarded(name)
+            if forward:
+                out[name] = headers[name]
         out.update(self.auth_headers(key))
         return out
 
