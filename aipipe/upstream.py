@@ -66,7 +66,7 @@ class Upstream:
         """
         loop = asyncio.get_running_loop()
         limits = _connect_timeout(connect_timeout)
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)  # given the loop: asking for it again costs a getpid() system call
         cancelling = task.cancelling()  # cancellations already asked for, not ours (as asyncio.timeout does)
         outer = self._deadlines.get(task)  # a call made while the same task waits on another: the earlier deadline
         deadline = loop.time() + timeout

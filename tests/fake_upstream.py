@@ -124,6 +124,8 @@ class ChatHandler(FakeHandler):
             self.set_header("Content-Type", "application/json")
             self.set_header("openai-organization", "operator-org-secret")
             self.set_header("x-request-id", "req_fake")
+            self.set_header("alt-svc", 'h3=":443"; ma=86400')  # as OpenAI's edge sends: about its origin, not ours
+            self.set_header("strict-transport-security", "max-age=31536000; includeSubDomains; preload")
             out = {**base, "object": "chat.completion",
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY, "refusal": None},
                                 "logprobs": None, "finish_reason": "stop"}]}

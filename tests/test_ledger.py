@@ -80,3 +80,23 @@ async def test_unwritten_charges_are_spooled_at_shutdown_and_replayed(tmp_path):
     finally:
         await again.close()
         await store.close()
+
+
+@pytest.mark.gen_test
+async def test_charges_queued_between_two_writes_share_one_future_and_each_resolves_once_written(tmp_path):
+    store = await open_store(f"sqlite:///{tmp_path}/l.db")
+    ledger = Ledger(store)
+    ledger.start()
+    try:
+        first = [ledger.settle(charge(0.01 * (i + 1))) for i in range(3)]
+        assert first[0] is first[1] is first[2] and not first[0].done()  # one future per write, not per charge
+        await asyncio.wait_for(first[0], 2)
+        later = ledger.settle(charge(0.5))
+        assert later is not first[0] and not later.done()
+        await ledger.flush()
+        assert later.done() and ledger.pending == 0
+        assert await store.spend("l@example.com", date(2026, 1, 1)) == pytest.approx(0.56)
+        await ledger.flush()  # nothing queued: returns at once
+    finally:
+        await ledger.close()
+        await store.close()

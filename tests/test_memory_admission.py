@@ -6,12 +6,14 @@ import dataclasses
 import json
 import sqlite3
 import time
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aipipe.books import Books
-from aipipe.budget import today_utc
+from aipipe.budget import today_utc, utc_date
 from aipipe.errors import ApiError
 from aipipe.ledger import Ledger
 from aipipe.storage import Charge, HoldRequest, StoreConfigError, StoreUnavailable, open_store
@@ -194,3 +196,8 @@ async def test_a_rolling_window_moves_on_at_midnight(make_gateway, monkeypatch):
     day = date(2026, 12, 1)  # midnight passes
     admission = await gw.admit("night@example.com", 0.001)
     assert admission.hold_id is not None and admission.spent == 0.0
+
+
+@given(st.floats(min_value=0, max_value=4102444800, allow_nan=False))  # 1970 to 2100
+def test_utc_date_is_the_calendar_date_in_utc(ts):
+    assert utc_date(ts) == datetime.fromtimestamp(ts, timezone.utc).date()

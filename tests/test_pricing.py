@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aipipe.pricing import Price, PriceTable, cost_of
 from aipipe.usage import Usage, read_usage
@@ -29,6 +31,36 @@ def test_audio_tokens_use_audio_prices():
 def test_per_minute_and_per_request_prices():
     assert cost_of(TABLE.lookup("openai", "whisper-1"), Usage(seconds=30)) == pytest.approx(0.003, abs=1e-12)
     assert cost_of(Price(input=1, output=2, per_request=0.005), Usage(input_tokens=10**6)) == pytest.approx(1.005)
+
+
+def itemised(price: Price, u: Usage) -> float:
+    """cost_of's general sum, every term written out (the reference for its text-only shortcut)."""
+    cached = min(u.cached_tokens, u.input_tokens)
+    audio_in = min(u.audio_input_tokens, u.input_tokens - cached)
+    image_in = min(u.image_input_tokens, u.input_tokens - cached - audio_in)
+    audio_out = min(u.audio_output_tokens, u.output_tokens)
+    fallback = {None: price.input}
+    per_token = ((u.input_tokens - cached - audio_in - image_in) * price.input
+                 + cached * fallback.get(price.cached_input, price.cached_input)
+                 + audio_in * fallback.get(price.audio_input, price.audio_input)
+                 + image_in * fallback.get(price.image_input, price.image_input)
+                 + (u.output_tokens - audio_out) * price.output
+                 + audio_out * (price.output if price.audio_output is None else price.audio_output)) / 1e6
+    return per_token + u.seconds / 60 * price.per_minute + price.per_request
+
+
+money = st.floats(min_value=0, max_value=1000, allow_nan=False)
+tokens = st.integers(min_value=0, max_value=10**8)
+
+
+@given(money, money, st.one_of(st.none(), money), money, money, tokens, tokens, st.sampled_from([0, 0, 17]),
+       st.sampled_from([0, 0, 5]), st.sampled_from([0.0, 0.0, 12.5]))
+def test_cost_of_matches_the_itemised_sum_exactly(inp, out, cached_price, per_minute, per_request, tin, tout,
+                                                  cached, audio, seconds):
+    """The text-only shortcut gives the same float as the full sum, bit for bit, and the full sum is used otherwise."""
+    price = Price(input=inp, output=out, cached_input=cached_price, per_minute=per_minute, per_request=per_request)
+    usage = Usage(input_tokens=tin, output_tokens=tout, cached_tokens=cached, audio_output_tokens=audio, seconds=seconds)
+    assert cost_of(price, usage) == itemised(price, usage)
 
 
 def test_usage_spellings():

@@ -165,12 +165,14 @@ async def test_request_headers_go_upstream_on_an_allow_list(call, gateway, upstr
     r = await call("/openai/v1/files?purpose=batch&limit=2", "GET", token=t, headers={
         "Cookie": "session=1", "Origin": "https://app.example", "Referer": "https://app.example/page",
         "OpenAI-Organization": "org-evil", "OpenAI-Project": "proj-evil", "OpenAI-Beta": "assistants=v2",
-        "X-Forwarded-For": "1.2.3.4", "Accept": "application/json", "User-Agent": "my-app/1.0"})
+        "X-Forwarded-For": "1.2.3.4", "Accept": "application/json", "User-Agent": "my-app/1.0",
+        "X-Stainless-Lang": "python"})
     assert r.code == 200
     seen = HTTPHeaders(upstream.state.last["headers"])
     assert seen["Authorization"] == f"Bearer {OPERATOR_KEYS['openai']}"
     assert seen["OpenAI-Beta"] == "assistants=v2" and seen["Accept"] == "application/json"
     assert seen["User-Agent"] == "my-app/1.0"
+    assert seen.get_list("X-Stainless-Lang") == ["python"]  # a prefix on the allow-list
     for name in ("Cookie", "Origin", "Referer", "OpenAI-Organization", "OpenAI-Project", "X-Forwarded-For"):
         assert name not in seen, name
     assert upstream.state.last["path"] == "/v1/files" and upstream.state.last["query"] == "purpose=batch&limit=2"
@@ -181,6 +183,7 @@ async def test_request_headers_go_upstream_on_an_allow_list(call, gateway, upstr
 async def test_response_headers_hide_the_operators_account(call, gateway, upstream):
     r = await call("/openai/v1/chat/completions", "POST", json=chat(), token=token("a@example.com"))
     assert "openai-organization" not in r.headers
+    assert "alt-svc" not in r.headers and "strict-transport-security" not in r.headers  # the provider's origin's
     assert r.headers["x-request-id"] == "req_fake"
     assert r.headers.get_list("Content-Type") == ["application/json"]
 
