@@ -53,6 +53,7 @@ class Gateway:
         self.ledger = Ledger(store, spool_path=spool_path, books=Books() if in_memory else None)
         self.verifier = TokenVerifier(config.secret, config.salts, config.get("auth.token_cache_seconds"))
         self.default_hold = config.get("limits.default_hold_usd")
+        self.upstream_timeout = config.get("limits.upstream_timeout")
         self._max_inflight, self._rpm, self._hold_seconds = (
             config.get("limits.max_concurrent_per_user"), config.get("limits.rpm_per_user"), config.get("limits.hold_seconds"))
         self.upstream = Upstream()  # provider calls

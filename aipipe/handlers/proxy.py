@@ -117,10 +117,11 @@ class ProviderHandler(ApiHandler):
         call = Call(req.method, "/" + path, req.query, req.headers, req.body)
         await self.provider.prepare(call, gw)
         key = identity.native_key or gw.provider_key(self.provider_name)
+        native = identity.is_native
         admission = None
-        if not identity.is_native:  # decided on the spot when it can be, without a coroutine
+        if not native:  # decided on the spot when it can be, without a coroutine
             admission = gw.admit_now(identity.email, call.hold) or await gw.admit(identity.email, call.hold)
-        self.call, self.outcome, self.native = call, Outcome(), identity.is_native
+        self.call, self.outcome, self.native = call, Outcome(), native
         self._priced = False  # outcome.cost is final (a JSON answer, priced for its X-AIPipe-Cost header)
         try:
             await self._forward(key)
@@ -145,9 +146,8 @@ class ProviderHandler(ApiHandler):
         call = self.call
         self._mode = ""  # "sse" | "json" | "raw" | "reject", decided from the upstream's Content-Type
         self._json: list[bytes] = []
-        self._events = EventSplitter()
         self._client_gone = False
-        timeout = self.gw.config.get("limits.upstream_timeout")
+        timeout = self.gw.upstream_timeout
         url = self.provider.target_url(self.gw.config.providers[self.provider_name].base_url, call)
         self._sent_at = time.perf_counter()
         error = await self.gw.upstream.exchange(
@@ -179,6 +179,8 @@ class ProviderHandler(ApiHandler):
             return
         ctype = header(headers, "content-type").lower()
         self._mode = "sse" if "text/event-stream" in ctype else "json" if "json" in ctype else "raw"
+        if self._mode == "sse":
+            self._events = EventSplitter()
         self._received_at = time.perf_counter()
         self.set_status(status, reason or None)
         self.copy_upstream_headers(headers, DROP_RESPONSE_HEADERS)

@@ -138,7 +138,7 @@ class SimilarityHandler(ApiHandler):
 
     async def _embed(self, call: Call, key: str, outcome: Outcome, native: bool) -> dict:
         """One POST to OpenAI's /v1/embeddings; fills outcome (status, usage, cost) for the ledger."""
-        timeout = self.gw.config.get("limits.upstream_timeout")
+        timeout = self.gw.upstream_timeout
         answered = await self.gw.upstream.fetch(
             "POST", self.gw.config.providers["openai"].base_url + call.path,
             {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}, call.body,
