@@ -62,7 +62,8 @@ def count(arm: str, kind: str, requests: int, work: str, upstream_port: int, alt
     try:
         wait_http(port, "/", proc, 300, log)
         body, toks = (CHAT if kind == "json" else STREAM), tokens()
-        load.run_load(port, path, body, toks, CLIENTS, 120.0, max_requests=20)  # warm-up, not counted
+        # warm-up, not counted: every token verified once (client i uses tokens i, i+1, ...), connections open
+        load.run_load(port, path, body, toks, CLIENTS, 120.0, max_requests=len(toks))
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)], capture_output=True, timeout=60, check=True)
         result = load.run_load(port, path, body, toks, CLIENTS, 600.0, max_requests=max(1, requests // CLIENTS))
         subprocess.run(["callgrind_control", "--dump", str(proc.pid)], capture_output=True, timeout=60, check=True)

@@ -62,3 +62,15 @@ def test_instruction_counts_are_taken_for_both_servers(request):
     for arm, row in rows.items():
         assert row["ok"] == 16 and row["errors"] == 0, arm
         assert 100_000 < row["per_call"] < 100_000_000, arm  # a Python server's call, not zero, not the start-up
+
+
+@pytest.mark.slow
+def test_opcode_counts_are_taken_per_function_for_both_servers(request):
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("about half a minute under a tracer: run with -m slow")
+    from .bench_opcodes import main
+    results = main(["--requests", "16", "--top", "5"])
+    gateway, passthrough = results["gateway"], results["passthrough"]
+    assert 1_000 < sum(passthrough.values()) < sum(gateway.values()) < 1_000_000  # per call, not the start-up
+    assert any(key.startswith("aipipe/handlers/proxy.py:") for key in gateway)  # the gateway's own code is counted
+    assert not any(key.startswith("aipipe/") for key in passthrough)
