@@ -13,10 +13,10 @@ _day: tuple[int, date] = (-1, EPOCH)  # the last UTC date utc_date() worked out,
 def utc_date(ts: float) -> date:
     """The UTC date of a Unix time (POSIX days are 86,400 s long), worked out once a day."""
     global _day
-    number = int(ts // 86400)
-    if number != _day[0]:
-        _day = (number, EPOCH + timedelta(days=number))
-    return _day[1]
+    number, day = int(ts // 86400), _day  # one read of the pair: another thread may replace it
+    if number != day[0]:
+        day = _day = (number, EPOCH + timedelta(days=number))
+    return day[1]
 
 
 def today_utc() -> date:

@@ -58,9 +58,11 @@ class Ledger:
         """Start the writer task on the running loop, replaying any spooled charges first."""
         self._loop = asyncio.get_running_loop()
         replayed = self._read_spool()
-        if replayed:
+        if replayed:  # written first: charges queued before start() (none, in the server) wait for them too
             self._settles[:0] = replayed
             self._queued += len(replayed)
+            for mark in self._marks:
+                mark[0] += len(replayed)
             self._mark()
         self._task = self._loop.create_task(self._run())
         if self._settles:
@@ -91,7 +93,8 @@ class Ledger:
     def settle(self, charge: Charge) -> asyncio.Future:
         """Queue a charge; the returned future resolves once it is committed (awaiting it is optional).
 
-        Charges queued between two writes share one future."""
+        Charges queued between two writes share one future: to wait for it with a timeout, wrap it in
+        asyncio.shield(), or the timeout cancels it for the others too."""
         if self.books is not None:
             self.books.settle(charge)
             if charge.kind == "release":  # the hold lived only in memory: nothing to write
@@ -117,11 +120,15 @@ class Ledger:
         """Wait until every charge queued so far is written; StoreUnavailable if that takes longer than timeout."""
         if self._written >= self._queued:
             return
-        last = self._marks[-1][1]  # the newest group: it covers every charge queued so far
+        # A future of our own (a timeout cancels only it), after the open group's, which is closed so that
+        # the marks stay in order of the charges they wait for.
+        self._open_mark = None
+        done = (self._loop or asyncio.get_running_loop()).create_future()
+        self._marks.append([self._queued, done])
         self._wake.set()
         self._hurry.set()
         try:
-            await asyncio.wait_for(asyncio.shield(last), timeout)
+            await asyncio.wait_for(done, timeout)
         except asyncio.TimeoutError:
             raise StoreUnavailable("pending charges could not be written") from None
 
@@ -155,8 +162,8 @@ class Ledger:
 
     async def _write_settles(self) -> bool:
         """Write queued charges; False if the store refused them (they stay queued)."""
-        self._open_mark = None  # charges queued from now on wait for the next write
         while self._settles:
+            self._open_mark = None  # charges queued from now on wait for the next pass
             batch = self._settles[:MAX_BATCH]
             try:
                 await self.store.settle(batch)

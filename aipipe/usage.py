@@ -21,14 +21,15 @@ class Usage:
 
 
 def _int(d: dict | None, *keys: str) -> int:
+    """The first of keys that holds a number, as a count: 0 when absent or negative (a credit is never billed)."""
     if not isinstance(d, dict):
         return 0
     for k in keys:
         v = d.get(k)
         if v.__class__ is int:  # the usual case, tested first (bool, a subclass of int, is not a count)
-            return v
+            return v if v > 0 else 0
         if isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)):
-            return int(v)
+            return max(0, int(v))
     return 0
 
 

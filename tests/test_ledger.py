@@ -46,7 +46,7 @@ async def test_charges_wait_out_an_outage_while_admissions_fail_fast(tmp_path):
         await asyncio.sleep(0.2)
         assert ledger.pending == 1 and not done.done()
         store.down = False
-        await asyncio.wait_for(done, 2)
+        await asyncio.wait_for(asyncio.shield(done), 2)
         assert await store.spend("l@example.com", date(2026, 1, 1)) == pytest.approx(0.25)
     finally:
         await ledger.close()
@@ -90,7 +90,7 @@ async def test_charges_queued_between_two_writes_share_one_future_and_each_resol
     try:
         first = [ledger.settle(charge(0.01 * (i + 1))) for i in range(3)]
         assert first[0] is first[1] is first[2] and not first[0].done()  # one future per write, not per charge
-        await asyncio.wait_for(first[0], 2)
+        await asyncio.wait_for(asyncio.shield(first[0]), 2)  # shared: a timeout must not cancel it for the others
         later = ledger.settle(charge(0.5))
         assert later is not first[0] and not later.done()
         await ledger.flush()

@@ -72,3 +72,12 @@ def test_usage_spellings():
     assert (gemini.input_tokens, gemini.output_tokens, gemini.model) == (7, 10, "gemini-2.5-flash")
     assert read_usage({"usage": None, "choices": []}) is None
     assert read_usage([1, 2]) is None
+
+
+def test_negative_or_odd_counts_never_credit_the_user():
+    usage = read_usage({"usage": {"prompt_tokens": -1000, "completion_tokens": -5.0, "prompt_tokens_details":
+                                  {"cached_tokens": -3, "audio_tokens": True}}})
+    assert (usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.audio_input_tokens) == (0, 0, 0, 0)
+    assert cost_of(TABLE.lookup("openai", "gpt-4o-mini"), usage) == 0
+    gemini = read_usage({"usageMetadata": {"promptTokenCount": -7, "candidatesTokenCount": 4}})
+    assert (gemini.input_tokens, gemini.output_tokens) == (0, 4)

@@ -83,10 +83,10 @@ class Call:
 
 
 def is_forwarded(name: str) -> bool:
-    """Whether a request header goes on to the provider (the answer is remembered for the first 4,096 names)."""
+    """Whether a request header goes on to the provider (remembered for the first 4,096 names of up to 64 characters)."""
     lower = name.lower()
     forward = lower in FORWARD_REQUEST_HEADERS or lower.startswith(FORWARD_REQUEST_PREFIXES)
-    if len(_FORWARDED) < 4096:  # clients choose header names: keep the memory bounded
+    if len(_FORWARDED) < 4096 and len(name) <= 64:  # clients choose header names: keep the memory bounded
         _FORWARDED[name] = forward
     return forward
 
@@ -138,14 +138,14 @@ class Provider:
         return {"Authorization": f"Bearer {key}"}
 
     def forward_headers(self, call: Call, key: str) -> dict[str, str]:
-        """The allow-listed request headers (a repeated one as one comma-joined value) plus the key."""
+        """The allow-listed request headers (the last value of one sent twice) plus the key."""
         headers, out = call.headers, {}
         for name in headers:
             forward = _FORWARDED.get(name)
             if forward is None:
                 forward = is_forwarded(name)
             if forward:
-                out[name] = headers[name]
+                out[name] = headers.get_list(name)[-1]
         out.update(self.auth_headers(key))
         return out
 
