@@ -98,7 +98,7 @@ class Ledger:
         if self.books is not None:
             self.books.settle(charge)
             if charge.kind == "release":  # the hold lived only in memory: nothing to write
-                fut = (self._loop or asyncio.get_running_loop()).create_future()
+                fut = self._future()
                 fut.set_result(None)
                 return fut
             charge.hold_id = None  # not a row in the store
@@ -107,11 +107,15 @@ class Ledger:
         self._wake.set()
         return self._mark()
 
+    def _future(self) -> asyncio.Future:
+        """A future on the writer's loop (asked for once, at start: every get_running_loop() costs a getpid())."""
+        return (self._loop or asyncio.get_running_loop()).create_future()
+
     def _mark(self) -> asyncio.Future:
         """The future of the open group of charges, now also covering the ones queued last."""
         mark = self._open_mark
         if mark is None:
-            mark = self._open_mark = [0, (self._loop or asyncio.get_running_loop()).create_future()]
+            mark = self._open_mark = [0, self._future()]
             self._marks.append(mark)
         mark[0] = self._queued
         return mark[1]
@@ -123,7 +127,7 @@ class Ledger:
         # A future of our own (a timeout cancels only it), after the open group's, which is closed so that
         # the marks stay in order of the charges they wait for.
         self._open_mark = None
-        done = (self._loop or asyncio.get_running_loop()).create_future()
+        done = self._future()
         self._marks.append([self._queued, done])
         self._wake.set()
         self._hurry.set()
