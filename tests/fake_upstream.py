@@ -126,6 +126,10 @@ class ChatHandler(FakeHandler):
             self.set_header("x-request-id", "req_fake")
             self.set_header("alt-svc", 'h3=":443"; ma=86400')  # as OpenAI's edge sends: about its origin, not ours
             self.set_header("strict-transport-security", "max-age=31536000; includeSubDomains; preload")
+            self.set_header("Server", "cloudflare")
+            self.set_header("CF-RAY", "8f1a2b3c4d5e6f70-SJC")
+            self.set_header("cf-cache-status", "DYNAMIC")
+            self.set_header("x-envoy-upstream-service-time", "352")
             out = {**base, "object": "chat.completion",
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY, "refusal": None},
                                 "logprobs": None, "finish_reason": "stop"}]}
