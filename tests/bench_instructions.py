@@ -23,21 +23,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.request
 
 from . import bench_client as load
 from .bench import CHAT, STREAM
-from .bench_procs import (
-    OPERATOR_KEY,
-    ROOT,
-    SECRET,
-    free_port,
-    spawn,
-    stop_all,
-    tokens,
-    wait_http,
-    write_config,
-)
+from .bench_procs import counted_server, free_port, spawn, start_fake_upstream, stop_all, tokens, wait_http
 
 CLIENTS = 8
 
@@ -45,17 +34,11 @@ CLIENTS = 8
 def count(arm: str, kind: str, requests: int, work: str, upstream_port: int, alt_tree: str | None = None) -> dict:
     """Instructions per answered call for one server under callgrind."""
     folder = tempfile.mkdtemp(dir=work, prefix=arm + "-")
-    port, env = free_port(), {**os.environ, "AIPIPE_SECRET": SECRET, "OPENAI_API_KEY": OPERATOR_KEY}
-    if arm == "passthrough":
-        cmd = ["-m", "tests.bench_passthrough", "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"]
-        path, cwd = "/v1/chat/completions", ROOT
-    else:
-        config = write_config(folder, f"sqlite:///{folder}/aipipe.db", upstream_port)
-        cmd = ["-m", "aipipe", "serve", "--config", config, "--env-file", os.path.join(folder, "none.env"),
-               "--port", str(port)]
-        path, cwd = "/openai/v1/chat/completions", folder
-        if alt_tree:
-            env["PYTHONPATH"] = alt_tree
+    port = free_port()
+    argv, path, cwd, env = counted_server("passthrough" if arm == "passthrough" else "gateway", folder, port, upstream_port)
+    cmd = ["-m", *argv]
+    if alt_tree:
+        env["PYTHONPATH"] = alt_tree
     out, log = os.path.join(folder, "callgrind.out"), os.path.join(folder, "server.log")
     proc = spawn(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, *cmd], log, None,
                  env=env, cwd=cwd)
@@ -92,12 +75,7 @@ def main(argv=None) -> list[dict]:
     args.requests = max(CLIENTS, min(args.requests, 5000))
     work = tempfile.mkdtemp(prefix="aipipe-instructions-")
     try:
-        upstream_port = free_port()
-        log = os.path.join(work, "upstream.log")
-        upstream = spawn([sys.executable, "-m", "tests.bench_upstream", "--port", str(upstream_port)], log, None)
-        wait_http(upstream_port, "/", upstream, 20, log)
-        url = f"http://127.0.0.1:{upstream_port}/_bench/config?events=50&interval=0"
-        urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).read()
+        upstream_port = start_fake_upstream(work)
         arms = ["gateway", "passthrough"] + (["gateway-alt"] if args.alt_tree else [])
         rows = [count(arm, args.kind, args.requests, work, upstream_port, args.alt_tree if arm == "gateway-alt" else None)
                 for arm in arms]

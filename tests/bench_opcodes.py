@@ -19,11 +19,10 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.request
 
 from . import bench_client as load
 from .bench import CHAT, STREAM
-from .bench_procs import OPERATOR_KEY, ROOT, SECRET, free_port, spawn, stop_all, tokens, wait_http, write_config
+from .bench_procs import ROOT, counted_server, free_port, spawn, start_fake_upstream, stop_all, tokens, wait_http
 
 CLIENTS = 8
 
@@ -64,15 +63,8 @@ def count(arm: str, kind: str, requests: int, work: str, upstream_port: int) -> 
     """Opcodes per answered call, by "file:line:function", for one server."""
     folder = tempfile.mkdtemp(dir=work, prefix=arm + "-")
     port, out = free_port(), os.path.join(folder, "opcodes.json")
-    env = {**os.environ, "AIPIPE_SECRET": SECRET, "OPENAI_API_KEY": OPERATOR_KEY}
-    if arm == "passthrough":
-        argv = ["tests.bench_passthrough", "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"]
-        path, cwd = "/v1/chat/completions", ROOT
-    else:
-        config = write_config(folder, f"sqlite:///{folder}/aipipe.db", upstream_port)
-        argv = ["aipipe", "serve", "--config", config, "--env-file", os.path.join(folder, "none.env"), "--port", str(port)]
-        path, cwd = "/openai/v1/chat/completions", folder
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    argv, path, cwd, env = counted_server(arm, folder, port, upstream_port)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")  # for `-c "from tests.bench_opcodes ..."`
     code = f"from tests.bench_opcodes import serve_traced; serve_traced({out!r}, {argv!r})"
     log = os.path.join(folder, "server.log")
     proc = spawn([sys.executable, "-c", code], log, None, env=env, cwd=cwd)
@@ -111,12 +103,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     work = tempfile.mkdtemp(prefix="aipipe-opcodes-")
     results = {}
     for arm in ("gateway", "passthrough"):  # one server at a time, each with a fresh fake upstream
-        upstream_port = free_port()
-        log = os.path.join(work, f"upstream-{arm}.log")
-        upstream = spawn([sys.executable, "-m", "tests.bench_upstream", "--port", str(upstream_port)], log, None)
-        wait_http(upstream_port, "/", upstream, 20, log)
-        url = f"http://127.0.0.1:{upstream_port}/_bench/config?events=50&interval=0"
-        urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).read()
+        upstream_port = start_fake_upstream(work, f"upstream-{arm}")
         results[arm] = count(arm, args.kind, max(CLIENTS, min(args.requests, 20000)), work, upstream_port)
     gateway, passthrough = results["gateway"], results["passthrough"]
     print(f"opcodes per call ({args.kind}): gateway {sum(gateway.values()):,.0f}, passthrough {sum(passthrough.values()):,.0f}")

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 
 from aipipe.auth import mint_token
 
@@ -160,6 +161,29 @@ def write_config(folder: str, store_url: str, upstream_port: int, admission: str
                 f'[limits]\nmax_concurrent_per_user = 2000\n'
                 f'[providers.openai]\nbase_url = "http://127.0.0.1:{upstream_port}"\n')
     return path
+
+
+def counted_server(arm: str, folder: str, port: int, upstream_port: int) -> tuple[list[str], str, str, dict]:
+    """For the counting tools (bench_instructions, bench_opcodes): the module and arguments to run after
+    `python -m`, the chat path, the working folder and the environment of the bench passthrough (arm
+    "passthrough") or the gateway (SQLite in folder)."""
+    env = {**os.environ, "AIPIPE_SECRET": SECRET, "OPENAI_API_KEY": OPERATOR_KEY}
+    if arm == "passthrough":
+        argv = ["tests.bench_passthrough", "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"]
+        return argv, "/v1/chat/completions", ROOT, env
+    config = write_config(folder, f"sqlite:///{folder}/aipipe.db", upstream_port)
+    argv = ["aipipe", "serve", "--config", config, "--env-file", os.path.join(folder, "none.env"), "--port", str(port)]
+    return argv, "/openai/v1/chat/completions", folder, env
+
+
+def start_fake_upstream(work: str, name: str = "upstream") -> int:
+    """tests.bench_upstream on a free port, its streams set to 50 events sent at once; its port."""
+    port, log = free_port(), os.path.join(work, f"{name}.log")
+    proc = spawn([sys.executable, "-m", "tests.bench_upstream", "--port", str(port)], log, None)
+    wait_http(port, "/", proc, 20, log)
+    url = f"http://127.0.0.1:{port}/_bench/config?events=50&interval=0"
+    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).read()
+    return port
 
 
 class Gateway:
