@@ -18,6 +18,7 @@ import tornado.web
 from .config import Config
 from .gateway import Gateway
 from .handlers import routes
+from .handlers.lean import LeanApplication
 from .handlers.page_base import template_environment
 from .logs import line_writer, write_each_line
 from .storage import StoreConfigError, mask_url, open_store, url_scheme
@@ -42,7 +43,7 @@ def access_logger() -> Callable[[tornado.web.RequestHandler], None]:
 
 def make_app(gateway: Gateway, **settings) -> tornado.web.Application:
     """The Tornado application for a gateway; extra settings go to Application."""
-    return tornado.web.Application(routes(gateway), log_function=access_logger(), gateway=gateway,
+    return LeanApplication(routes(gateway), log_function=access_logger(), gateway=gateway,
                                    jinja=template_environment(), **settings)
 
 

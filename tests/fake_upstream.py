@@ -232,7 +232,7 @@ class EchoHandler(FakeHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps(self.state.last | {"body": self.request.body.decode("utf-8", "replace")}))
 
-    get = post = put = patch = delete = any
+    get = head = post = put = patch = delete = any
 
 
 def make_fake_app(state: FakeState) -> tornado.web.Application:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
 
 from aipipe.gateway import Outcome
-from aipipe.handlers.proxy import ProviderHandler
+from aipipe.handlers.proxy import ProviderCall
 from aipipe.sse import EventSplitter, data_length, parse_event, simple_data_length, split_events
 from aipipe.usage import read_usage
 
@@ -77,11 +77,11 @@ def reference_relay(pieces: list[bytes], strip: bool) -> tuple[bytes, int, objec
 
 
 class Relay:
-    """ProviderHandler's event relay without Tornado: what it sends, counts and finds."""
+    """ProviderCall's event relay without Tornado: what it sends, counts and finds."""
 
-    _relay_events = ProviderHandler._relay_events
-    _read_events = ProviderHandler._read_events
-    _finish_events = ProviderHandler._finish_events
+    _relay_events = ProviderCall._relay_events
+    _read_events = ProviderCall._read_events
+    _finish_events = ProviderCall._finish_events
 
     def __init__(self, strip: bool):
         self.call = SimpleNamespace(strip_usage_chunk=strip)

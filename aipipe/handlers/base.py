@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -13,6 +14,28 @@ from ..gateway import Gateway
 log = logging.getLogger("aipipe")
 ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 EXPOSE_HEADERS = "*, X-AIPipe-Cost, X-AIPipe-Overhead-Ms, X-Proxy-URL, Retry-After, Content-Type"
+# On every answer. Browsers read Allow-Methods and Allow-Headers only on a preflight (ApiHandler.options).
+CORS_HEADERS = (("Access-Control-Allow-Origin", "*"), ("Access-Control-Expose-Headers", EXPOSE_HEADERS))
+# What RFC 9110 allows in a field value, as Tornado's set_header checks it
+VALID_HEADER_VALUE = re.compile(r"[\x09\x20-\x7e\x80-\xff]*")
+
+
+def copy_upstream_headers(target, headers, drop: frozenset[str]) -> None:
+    """Relay an upstream answer's headers (Tornado's HTTPHeaders or (name, value) lines) to `target` (a handler),
+    minus `drop` (lower-case names) and the upstream's own CORS headers. A value with a control character in
+    it is refused with ValueError, as set_header would."""
+    seen = set()
+    for name, value in headers.get_all() if hasattr(headers, "get_all") else headers:
+        lower = name.lower()
+        if lower in drop or lower.startswith("access-control-"):
+            continue
+        if VALID_HEADER_VALUE.fullmatch(value) is None:
+            raise ValueError(f"Unsafe value in the upstream's {name} header")
+        if lower in seen:
+            target.add_header(name, value)
+        else:
+            seen.add(lower)
+            target.set_header(name, value)  # replaces the defaults (Content-Type, Server, Date)
 
 
 class ApiHandler(tornado.web.RequestHandler):
@@ -24,9 +47,8 @@ class ApiHandler(tornado.web.RequestHandler):
         self.gw = gateway
 
     def set_default_headers(self) -> None:
-        # Browsers read Allow-Methods and Allow-Headers only on a preflight answer (options() below).
-        self.set_header("Access-Control-Allow-Origin", "*")
-        self.set_header("Access-Control-Expose-Headers", EXPOSE_HEADERS)
+        for name, value in CORS_HEADERS:
+            self.set_header(name, value)
 
     def options(self, *args: Any) -> None:
         """CORS preflight: 200, no auth, cached for a day."""
@@ -42,20 +64,6 @@ class ApiHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps(obj))
-
-    def copy_upstream_headers(self, headers, drop: frozenset[str]) -> None:
-        """Relay an upstream answer's headers (Tornado's HTTPHeaders or (name, value) lines), minus `drop`
-        (lower-case names) and its own CORS headers."""
-        seen = set()
-        for name, value in headers.get_all() if hasattr(headers, "get_all") else headers:
-            lower = name.lower()
-            if lower in drop or lower.startswith("access-control-"):
-                continue
-            if lower in seen:
-                self.add_header(name, value)
-            else:
-                seen.add(lower)
-                self.set_header(name, value)  # replaces Tornado's defaults (Content-Type, Server, Date)
 
     def json_body(self) -> dict:
         """The request body as a JSON object; 400 otherwise."""

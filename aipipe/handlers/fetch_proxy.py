@@ -16,7 +16,7 @@ from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from .. import netguard
 from ..errors import ApiError
-from .base import ApiHandler
+from .base import ApiHandler, copy_upstream_headers
 
 log = logging.getLogger("aipipe.fetch_proxy")
 MAX_REDIRECTS = 5
@@ -159,7 +159,7 @@ class FetchProxyHandler(ApiHandler):
         if length.isdigit() and int(length) > self.max_bytes and self.request.method != "HEAD":
             self._stop(TooLarge())
         self.set_status(code)
-        self.copy_upstream_headers(headers, DROP_RESPONSE)
+        copy_upstream_headers(self, headers, DROP_RESPONSE)
 
     async def _on_chunk(self, chunk: bytes) -> None:
         if self.redirect_to:

@@ -15,13 +15,21 @@ import orjson
 from tornado.iostream import StreamClosedError
 
 from ..errors import ApiError
-from ..gateway import Outcome
+from ..gateway import Gateway, Outcome
 from ..providers import PROVIDERS
 from ..providers.base import Call, streamed_estimate
-from ..sse import EventSplitter, data_length, event_data, one_data_line, simple_data_length, split_events
+from ..sse import (
+    EventSplitter,
+    data_length,
+    event_data,
+    one_data_line,
+    simple_data_length,
+    split_events,
+)
 from ..upstream import Headers, describe, header, is_timeout
 from ..usage import Usage, read_usage
-from .base import ApiHandler
+from .base import ApiHandler, copy_upstream_headers
+from .lean import LeanCall
 
 log = logging.getLogger("aipipe.proxy")
 
@@ -102,23 +110,24 @@ def usage_only(raw: bytes) -> bool:
     return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
 
 
-class ProviderHandler(ApiHandler):
+class ProviderCall(LeanCall):
     """Relays one call to a provider and bills its usage."""
 
-    def prepare(self) -> None:
-        self.provider = PROVIDERS.get(self.path_args[0])
-        # the route (/geminiv1beta) may differ from the provider's config, key and ledger name (gemini)
-        self.provider_name = self.provider.name if self.provider else self.path_args[0]
-        if self.provider is None and self.request.method != "OPTIONS":
-            raise ApiError(404, f"Unknown provider: {self.provider_name}")
+    def initialize(self, gateway: Gateway) -> None:
+        self.gw = gateway
 
-    async def get(self, name: str, path: str) -> None:
+    async def call(self, name: str, path: str) -> None:
         """Authenticate, price, admit, forward, relay and settle one call."""
         self.started = time.perf_counter()
+        self.provider = provider = PROVIDERS.get(name)
+        if provider is None:
+            raise ApiError(404, f"Unknown provider: {name}")
+        # the route (/geminiv1beta) may differ from the provider's config, key and ledger name (gemini)
+        self.provider_name = provider.name
         gw, req = self.gw, self.request
         identity = gw.identify(req.headers)
         call = Call(req.method, "/" + path, req.query, req.headers, req.body)
-        await self.provider.prepare(call, gw)
+        await provider.prepare(call, gw)
         key = identity.native_key or gw.provider_key(self.provider_name)
         native = identity.is_native
         admission = None
@@ -134,8 +143,6 @@ class ProviderHandler(ApiHandler):
             if admission is not None:
                 elapsed = (time.perf_counter() - self.started) * 1000
                 self.gw.settle(identity.email, admission, self.provider_name, call, self.outcome, elapsed)
-
-    post = put = patch = delete = head = get
 
     def _cost(self) -> float:
         call, out = self.call, self.outcome
@@ -186,7 +193,7 @@ class ProviderHandler(ApiHandler):
             self._events = EventSplitter()
         self._received_at = time.perf_counter()
         self.set_status(status, reason or None)
-        self.copy_upstream_headers(headers, DROP_RESPONSE_HEADERS)
+        copy_upstream_headers(self, headers, DROP_RESPONSE_HEADERS)
         if self._mode != "json":
             self.outcome.streamed = self._mode == "sse"
             self._set_overhead()
@@ -330,3 +337,14 @@ class ProviderHandler(ApiHandler):
         self._set_overhead()
         if body:  # none on a 204 or 304, which Tornado refuses to send with one
             self.write(body)
+
+
+class ProviderHandler(ApiHandler):
+    """The route of provider calls. A call is served by ProviderCall, without this RequestHandler (handlers.lean);
+    what stays here is what a RequestHandler does best: CORS preflights, unknown methods, formatting errors."""
+
+    lean_call = ProviderCall
+
+    def prepare(self) -> None:
+        if self.request.method != "OPTIONS" and self.path_args[0] not in PROVIDERS:
+            raise ApiError(404, f"Unknown provider: {self.path_args[0]}")

@@ -1,0 +1,214 @@
+"""Serving the provider passthrough without a RequestHandler.
+
+A RequestHandler does a good deal per request that a passthrough has no use for: default headers built
+and validated one by one, ETags, output transforms, argument decoding and a layer of futures around the
+verb method. On a proxied chat call that was about a sixth of the gateway's instructions (README,
+Performance). `LeanApplication` serves a route whose RequestHandler names a `lean_call` class on Tornado's
+HTTPMessageDelegate interface instead, with an instance of that class (a `LeanCall`), which offers the part
+of RequestHandler's interface the passthrough uses.
+
+What stays with the RequestHandler: methods the lean class does not serve (CORS preflights, unknown
+verbs), and every error. A call that fails before its answer started hands the exception to an instance
+of the route's RequestHandler made for the same request, whose write_error formats it, so errors still
+leave through the one base handler.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from asyncio import Future
+from typing import Any
+
+import tornado
+import tornado.web
+from tornado import httputil
+from tornado.log import app_log, gen_log
+
+from .base import CORS_HEADERS
+
+SERVER = f"TornadoServer/{tornado.version}"
+_date = [0, ""]  # [whole second, its HTTP date]: formatted once a second, not once a call
+
+
+def http_date(now: float) -> str:
+    """The Date header for time `now`."""
+    second = int(now)
+    if _date[0] != second:
+        _date[:] = [second, httputil.format_timestamp(second)]
+    return _date[1]
+
+
+class LeanCall:
+    """One request, answered through its HTTP connection: the subset of RequestHandler's response interface
+    a passthrough needs (status, headers, write, flush, finish), with the same defaults (Server, Date, CORS)."""
+
+    SUPPORTED_METHODS: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+    def __init__(self, application: tornado.web.Application, request: httputil.HTTPServerRequest,
+                 fallback: type[tornado.web.RequestHandler], kwargs: dict[str, Any]) -> None:
+        self.application, self.request = application, request
+        self._fallback, self._kwargs = fallback, kwargs  # who formats this call's errors, and its arguments
+        headers = self._headers = httputil.HTTPHeaders()
+        headers["Server"] = SERVER
+        headers["Date"] = http_date(time.time())
+        for name, value in CORS_HEADERS:
+            headers[name] = value
+        self._status_code, self._reason = 200, "OK"
+        self._write_buffer: list[bytes] = []
+        self._headers_written = self._finished = False
+        request.connection.set_close_callback(self.on_connection_close)
+        self.initialize(**kwargs)
+
+    def initialize(self, **kwargs: Any) -> None:
+        """The route's keyword arguments, as RequestHandler.initialize receives them."""
+
+    async def call(self, *args: str) -> None:
+        """Serve the request; the path's groups are the arguments. Raise ApiError to answer with an error."""
+        raise NotImplementedError
+
+    def on_connection_close(self) -> None:
+        """The client closed the connection before the answer was finished."""
+
+    def set_status(self, status: int, reason: str | None = None) -> None:
+        self._status_code = status
+        self._reason = reason if reason is not None else httputil.responses.get(status, "Unknown")
+
+    def get_status(self) -> int:
+        return self._status_code
+
+    def set_header(self, name: str, value: str) -> None:
+        """Set a header (a str value: callers check values from elsewhere, and the connection refuses CR and LF)."""
+        self._headers[name] = value
+
+    def add_header(self, name: str, value: str) -> None:
+        self._headers.add(name, value)
+
+    def write(self, chunk: bytes) -> None:
+        self._write_buffer.append(chunk)
+
+    def flush(self) -> Future[None]:
+        """Send what was written (with the status line and headers, the first time); done when it is out."""
+        buffer = self._write_buffer
+        chunk = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        self._write_buffer = []
+        connection = self.request.connection
+        head = self.request.method == "HEAD"
+        if not self._headers_written:
+            self._headers_written = True
+            start_line = httputil.ResponseStartLine("", self._status_code, self._reason)
+            return connection.write_headers(start_line, self._headers, b"" if head else chunk)
+        if head:
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
+        return connection.write(chunk)
+
+    def finish(self) -> Future[None]:
+        """End the answer (with its Content-Length when nothing was sent yet) and write the access-log line."""
+        if self._finished:
+            raise RuntimeError("finish() called twice")
+        if not self._headers_written:
+            status = self._status_code
+            if status in (204, 304) or 100 <= status < 200:
+                if self._write_buffer:
+                    raise RuntimeError(f"Cannot send body with status code HTTP{status}")
+                for name in ("Content-Encoding", "Content-Language", "Content-Type"):
+                    self._headers.pop(name, None)
+            elif "Content-Length" not in self._headers:
+                self._headers["Content-Length"] = str(sum(map(len, self._write_buffer)))
+        connection = self.request.connection
+        connection.set_close_callback(None)
+        sent = self.flush()
+        connection.finish()
+        self._finished = True
+        self.application.log_request(self)
+        return sent
+
+    async def serve(self, path_args: list[bytes]) -> None:
+        """Run call() and finish the answer, or hand what went wrong to the route's RequestHandler."""
+        try:
+            try:
+                args = [None if arg is None else arg.decode("utf-8") for arg in path_args]
+            except UnicodeDecodeError:
+                raise tornado.web.HTTPError(400, "path is not UTF-8") from None  # "Bad Request", as Tornado says
+            await self.call(*args)
+            if not self._finished:
+                self.finish()
+        except Exception as e:
+            self._fail(e, path_args)
+        except asyncio.CancelledError:  # this call's own task (a shutdown): answer, as RequestHandler does
+            if not self._finished:
+                self._fail(RuntimeError("call cancelled"), path_args)
+            raise
+
+    def _fail(self, error: Exception, path_args: list[bytes]) -> None:
+        if not self._headers_written:  # nothing sent yet: the route's RequestHandler answers with the error
+            self._finished = True
+            failed = _failing(self._fallback)
+            delegate = self.application.get_handler_delegate(
+                self.request, failed, {**self._kwargs, "error": error}, path_args)
+            delegate.finish()  # no body to wait for: the handler runs at once
+            return
+        if not isinstance(error, tornado.web.HTTPError):
+            app_log.error("Uncaught exception in %s %s", self.request.method, self.request.path,
+                          exc_info=(type(error), error, error.__traceback__))
+        gen_log.error("Cannot send error response after headers written")
+        if not self._finished:  # end what was sent, so the connection is released
+            try:
+                self.finish()
+            except Exception:
+                gen_log.error("Failed to flush partial response", exc_info=True)
+
+
+@functools.cache
+def _failing(handler_class: type[tornado.web.RequestHandler]) -> type[tornado.web.RequestHandler]:
+    """handler_class, made to fail with a given error: RequestHandler's own error path (log_exception,
+    send_error, write_error, the access log) then answers for a LeanCall."""
+
+    class Failing(handler_class):
+        lean_call = None
+
+        def initialize(self, error: Exception, **kwargs: Any) -> None:
+            self.lean_error = error
+            super().initialize(**kwargs)
+
+        def prepare(self) -> None:
+            raise self.lean_error
+
+    Failing.__name__ = Failing.__qualname__ = handler_class.__name__
+    return Failing
+
+
+class _LeanDelegate(httputil.HTTPMessageDelegate):
+    """Gathers the request body, then serves the request with a LeanCall."""
+
+    def __init__(self, application, request, call_class, fallback, kwargs, path_args) -> None:
+        self.application, self.request = application, request
+        self.call_class, self.fallback, self.kwargs, self.path_args = call_class, fallback, kwargs, path_args
+        self.chunks: list[bytes] = []
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def finish(self) -> None:
+        request = self.request
+        chunks = self.chunks
+        request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        call = self.call_class(self.application, request, self.fallback, self.kwargs)
+        # on the connection's own loop, asked for without asyncio.get_running_loop() (a getpid() each time)
+        request.connection.stream.io_loop.asyncio_loop.create_task(call.serve(self.path_args))
+
+    def on_connection_close(self) -> None:
+        self.chunks = []  # the client left before its request was complete: nothing to answer
+
+
+class LeanApplication(tornado.web.Application):
+    """An Application that serves a route without its RequestHandler when the handler class names a LeanCall
+    subclass as `lean_call` and that class serves the request's method."""
+
+    def get_handler_delegate(self, request, target_class, target_kwargs=None, path_args=None, path_kwargs=None):
+        lean = getattr(target_class, "lean_call", None)
+        if lean is not None and request.method in lean.SUPPORTED_METHODS and not path_kwargs:
+            return _LeanDelegate(self, request, lean, target_class, target_kwargs or {}, path_args or [])
+        return super().get_handler_delegate(request, target_class, target_kwargs, path_args, path_kwargs)

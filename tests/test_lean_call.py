@@ -1,0 +1,85 @@
+"""Provider calls are served without a RequestHandler (handlers.lean): what a client sees is still what the
+base handler sends, errors included, and every call still leaves an access-log line."""
+from __future__ import annotations
+
+import logging
+import time
+from email.utils import parsedate_to_datetime
+
+import orjson
+import pytest
+from tornado import httputil
+
+from aipipe.handlers.lean import http_date
+from aipipe.providers import PROVIDERS
+
+from .conftest import token
+from .helpers import chat, message, settled, spent
+
+
+def assert_json_error(r, status: int, text: str) -> None:
+    assert r.code == status and message(r) == text
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert "X-AIPipe-Cost" in r.headers["Access-Control-Expose-Headers"]
+
+
+@pytest.mark.gen_test
+async def test_path_that_is_not_utf8_is_400_json(call, gateway, upstream):
+    r = await call("/openai/v1/%ff%fe", "POST", json=chat(), token=token("bytes@example.com"))
+    assert_json_error(r, 400, "Bad Request")
+    assert upstream.state.requests == []
+
+
+@pytest.mark.gen_test
+async def test_method_no_provider_takes_is_405_json(call, gateway, upstream):
+    r = await call("/openai/v1/chat/completions", "PROPFIND", token=token("webdav@example.com"))
+    assert_json_error(r, 405, "Method Not Allowed")
+    assert upstream.state.requests == []
+
+
+@pytest.mark.gen_test
+async def test_unexpected_failure_is_500_json_logged_and_the_server_goes_on(call, gateway, upstream, monkeypatch, caplog):
+    async def broken(call_, gw):
+        raise RuntimeError("bug in a provider module")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PROVIDERS["openai"], "prepare", broken)
+        with caplog.at_level(logging.ERROR):
+            r = await call("/openai/v1/chat/completions", "POST", json=chat(), token=token("bug@example.com"))
+    assert_json_error(r, 500, "Internal server error")
+    assert b"bug in a provider module" not in r.body
+    logged = [rec for rec in caplog.records if rec.exc_info and rec.exc_info[0] is RuntimeError]
+    assert logged and "POST /openai/v1/chat/completions" in logged[0].getMessage()
+    assert upstream.state.requests == []
+    r = await call("/openai/v1/chat/completions", "POST", json=chat(), token=token("bug@example.com"))
+    assert r.code == 200 and orjson.loads(r.body)["usage"]["completion_tokens"] == 7
+
+
+@pytest.mark.gen_test
+async def test_head_call_is_relayed_without_a_body(call, gateway, upstream):
+    r = await call("/openai/v1/files", "HEAD", token=token("head@example.com"))
+    assert r.code == 200 and r.body == b"" and r.headers["Content-Type"] == "application/json"
+    assert upstream.state.requests[-1]["method"] == "HEAD"
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    r = await call("/openai/v1/models", token=token("head@example.com"))  # the connection is still in order
+    assert r.code == 200 and "gpt-4o-mini" in [m["id"] for m in orjson.loads(r.body)["data"]]
+
+
+@pytest.mark.gen_test
+async def test_call_sends_server_date_and_its_access_line(call, gateway, upstream, caplog):
+    with caplog.at_level(logging.INFO, logger="aipipe.access"):
+        before = time.time()
+        r = await call("/openai/v1/chat/completions", "POST", json=chat(), token=token("logged@example.com"))
+    assert r.code == 200
+    stamp = parsedate_to_datetime(r.headers["Date"]).timestamp()
+    assert int(before) <= stamp <= time.time() and r.headers["Server"].startswith("TornadoServer/")
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "aipipe.access"]
+    assert any(line.startswith("200 POST /openai/v1/chat/completions ") for line in lines), lines
+    await settled(gateway)
+    assert await spent(gateway, "logged@example.com") == pytest.approx((12 * 0.15 + 7 * 0.60) / 1e6, abs=1e-12)
+
+
+def test_http_date_is_formatted_once_a_second_and_follows_the_clock():
+    for t in (1_700_000_000.2, 1_700_000_000.9, 1_700_000_001.0, 1_600_000_000.5, 1_700_000_001.4):
+        assert http_date(t) == httputil.format_timestamp(int(t))
