@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from aipipe.books import Books
 from aipipe.budget import today_utc, utc_date
 from aipipe.errors import ApiError
-from aipipe.ledger import Ledger
+from aipipe.ledger import LINGER, Ledger
 from aipipe.storage import Charge, HoldRequest, StoreConfigError, StoreUnavailable, open_store
 
 from .conftest import token
@@ -98,7 +98,7 @@ async def test_memory_mode_refuses_admissions_while_charges_cannot_be_written(tm
         admission = await ledger.reserve(request())
         store.down = True
         done = ledger.settle(charge(0.1, hold_id=admission.hold_id))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(LINGER + 0.1)  # the writer's first attempt
         with pytest.raises(StoreUnavailable):
             await ledger.reserve(request())
         store.down = False
