@@ -2,6 +2,7 @@
 base handler sends, errors included, and every call still leaves an access-log line."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from email.utils import parsedate_to_datetime
@@ -83,3 +84,60 @@ async def test_call_sends_server_date_and_its_access_line(call, gateway, upstrea
 def test_http_date_is_formatted_once_a_second_and_follows_the_clock():
     for t in (1_700_000_000.2, 1_700_000_000.9, 1_700_000_001.0, 1_600_000_000.5, 1_700_000_001.4):
         assert http_date(t) == httputil.format_timestamp(int(t))
+
+
+BOUNDARY = "aipipe-test-boundary"
+FORM = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n"
+        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+        f"Content-Type: audio/wav\r\n\r\nRIFFxxxx\r\n--{BOUNDARY}--\r\n").encode()
+FORM_TYPE = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(("path", "who", "status", "text"), [
+    ("/openai/v1/audio/transcriptions", None, 401, "Missing Authorization: Bearer token"),
+    ("/openai/v1/audio/transcriptions", "blocked@example.com", 429, "Usage $0 / $0 in 1 days"),
+    ("/nosuch/v1/audio/transcriptions", "form@example.com", 404, "Unknown provider: nosuch"),
+])
+async def test_errors_on_a_form_upload_keep_their_status(call, gateway, upstream, path, who, status, text):
+    r = await call(path, "POST", body=FORM, headers=FORM_TYPE, token=token(who) if who else None)
+    assert_json_error(r, status, text)
+    assert upstream.state.requests == []
+
+
+async def answering(answer: bytes):
+    """A one-shot provider on loopback that reads a request and sends `answer` as it is."""
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("reason", [b"Caf\xe9", b"OK <script>", b"OK \x01"])
+async def test_odd_reason_phrase_from_the_provider_gives_way_to_the_standard_one(make_gateway, serve, reason):
+    body = orjson.dumps({"id": "x", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [],
+                         "usage": {"prompt_tokens": 10, "completion_tokens": 0, "total_tokens": 10}})
+    server, port = await answering(b"HTTP/1.1 200 " + reason + b"\r\nContent-Type: application/json\r\n"
+                                   + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    try:
+        gw = await make_gateway(providers={"openai": {"base_url": f"http://127.0.0.1:{port}"}})
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(serve(gw).rsplit(":", 1)[1]))
+        payload = orjson.dumps(chat())
+        writer.write(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Authorization: Bearer " + token("reason@example.com").encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        server.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(body)
+    await settled(gw)
+    assert await spent(gw, "reason@example.com") == pytest.approx(10 * 0.15 / 1e6, abs=1e-12)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from asyncio import Future
 from typing import Any
@@ -28,6 +29,7 @@ from tornado.log import app_log, gen_log
 from .base import CORS_HEADERS
 
 SERVER = f"TornadoServer/{tornado.version}"
+REASON_PHRASE = re.compile(r"[\t\x20-\x7e\x80-\xff]+")  # RFC 9112: HTAB, SP, VCHAR, obs-text
 _date = [0, ""]  # [whole second, its HTTP date]: formatted once a second, not once a call
 
 
@@ -71,8 +73,12 @@ class LeanCall:
         """The client closed the connection before the answer was finished."""
 
     def set_status(self, status: int, reason: str | None = None) -> None:
+        """Set the status; a reason phrase that could not go in a status line as it is gives way to the standard
+        one, as RequestHandler.set_status does (an upstream's reason may hold anything aiohttp could decode)."""
         self._status_code = status
-        self._reason = reason if reason is not None else httputil.responses.get(status, "Unknown")
+        if reason is None or "<" in reason or REASON_PHRASE.fullmatch(reason) is None:
+            reason = httputil.responses.get(status, "Unknown")
+        self._reason = reason
 
     def get_status(self) -> int:
         return self._status_code
@@ -95,9 +101,11 @@ class LeanCall:
         connection = self.request.connection
         head = self.request.method == "HEAD"
         if not self._headers_written:
-            self._headers_written = True
             start_line = httputil.ResponseStartLine("", self._status_code, self._reason)
-            return connection.write_headers(start_line, self._headers, b"" if head else chunk)
+            # written only if every header line is valid (else ValueError, and an error answer can still go out)
+            sent = connection.write_headers(start_line, self._headers, b"" if head else chunk)
+            self._headers_written = True
+            return sent
         if head:
             done: Future[None] = Future()
             done.set_result(None)
@@ -137,18 +145,24 @@ class LeanCall:
                 self.finish()
         except Exception as e:
             self._fail(e, path_args)
-        except asyncio.CancelledError:  # this call's own task (a shutdown): answer, as RequestHandler does
-            if not self._finished:
-                self._fail(RuntimeError("call cancelled"), path_args)
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():  # something this call awaited was cancelled: an error
+                self._fail(e, path_args)
+                return
+            if not self._finished:  # this call's own task (a shutdown): a plain 500, logged by no one, as Tornado does
+                self._fail(tornado.web.HTTPError(500), path_args)
             raise
 
-    def _fail(self, error: Exception, path_args: list[bytes]) -> None:
+    def _fail(self, error: BaseException, path_args: list[bytes]) -> None:
         if not self._headers_written:  # nothing sent yet: the route's RequestHandler answers with the error
             self._finished = True
             failed = _failing(self._fallback)
             delegate = self.application.get_handler_delegate(
                 self.request, failed, {**self._kwargs, "error": error}, path_args)
-            delegate.finish()  # no body to wait for: the handler runs at once
+            if self.request.body:  # handed on as the connection would (the handler parses a form body as before)
+                delegate.data_received(self.request.body)
+            delegate.finish()
             return
         if not isinstance(error, tornado.web.HTTPError):
             app_log.error("Uncaught exception in %s %s", self.request.method, self.request.path,
@@ -169,12 +183,13 @@ def _failing(handler_class: type[tornado.web.RequestHandler]) -> type[tornado.we
     class Failing(handler_class):
         lean_call = None
 
-        def initialize(self, error: Exception, **kwargs: Any) -> None:
+        def initialize(self, error: BaseException, **kwargs: Any) -> None:
             self.lean_error = error
             super().initialize(**kwargs)
 
         def prepare(self) -> None:
-            raise self.lean_error
+            error, self.lean_error = self.lean_error, None  # not kept: its traceback would hold this handler
+            raise error
 
     Failing.__name__ = Failing.__qualname__ = handler_class.__name__
     return Failing

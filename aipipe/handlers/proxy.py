@@ -115,6 +115,7 @@ class ProviderCall(LeanCall):
 
     def initialize(self, gateway: Gateway) -> None:
         self.gw = gateway
+        self._client_gone = False  # set by on_connection_close, whenever the client leaves
 
     async def call(self, name: str, path: str) -> None:
         """Authenticate, price, admit, forward, relay and settle one call."""
@@ -134,6 +135,7 @@ class ProviderCall(LeanCall):
         if not native:  # decided on the spot when it can be, without a coroutine
             admission = gw.admit_now(identity.email, call.hold) or await gw.admit(identity.email, call.hold)
         self.call, self.outcome, self.native = call, Outcome(), native
+        self.outcome.aborted = self._client_gone  # left while the call was being prepared or admitted
         self._priced = False  # outcome.cost is final (a JSON answer, priced for its X-AIPipe-Cost header)
         try:
             await self._forward(key)
@@ -156,7 +158,6 @@ class ProviderCall(LeanCall):
         call = self.call
         self._mode = ""  # "sse" | "json" | "raw" | "reject", decided from the upstream's Content-Type
         self._json: list[bytes] = []
-        self._client_gone = False
         timeout = self.gw.upstream_timeout
         url = self.provider.target_url(self.gw.config.providers[self.provider_name].base_url, call)
         self._sent_at = time.perf_counter()
