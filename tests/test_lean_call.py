@@ -10,6 +10,7 @@ from email.utils import parsedate_to_datetime
 import orjson
 import pytest
 from tornado import httputil
+from tornado.httpclient import AsyncHTTPClient
 
 from aipipe.handlers.lean import http_date
 from aipipe.providers import PROVIDERS
@@ -141,3 +142,20 @@ async def test_odd_reason_phrase_from_the_provider_gives_way_to_the_standard_one
     assert answer.endswith(body)
     await settled(gw)
     assert await spent(gw, "reason@example.com") == pytest.approx(10 * 0.15 / 1e6, abs=1e-12)
+
+
+@pytest.mark.gen_test
+async def test_provider_header_with_a_control_character_is_refused_not_relayed(make_gateway, serve, caplog):
+    body = b'{"object": "list", "data": []}'
+    server, port = await answering(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Odd: a\x01b\r\n"
+                                   + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    try:
+        gw = await make_gateway(providers={"openai": {"base_url": f"http://127.0.0.1:{port}"}})
+        with caplog.at_level(logging.ERROR):
+            r = await AsyncHTTPClient().fetch(serve(gw) + "/openai/v1/models", raise_error=False,
+                                              headers={"Authorization": "Bearer " + token("odd@example.com")})
+    finally:
+        server.close()
+    assert_json_error(r, 500, "Internal server error")
+    assert "X-Odd" not in r.headers
+    assert any(rec.exc_info and rec.exc_info[0] is ValueError for rec in caplog.records)

@@ -30,6 +30,7 @@ from .base import CORS_HEADERS
 
 SERVER = f"TornadoServer/{tornado.version}"
 REASON_PHRASE = re.compile(r"[\t\x20-\x7e\x80-\xff]+")  # RFC 9112: HTAB, SP, VCHAR, obs-text
+VALID_HEADER_VALUE = re.compile(r"[\x09\x20-\x7e\x80-\xff]*")  # RFC 9110 field values, as Tornado checks them
 _date = [0, ""]  # [whole second, its HTTP date]: formatted once a second, not once a call
 
 
@@ -39,6 +40,12 @@ def http_date(now: float) -> str:
     if _date[0] != second:
         _date[:] = [second, httputil.format_timestamp(second)]
     return _date[1]
+
+
+def _checked(value: str) -> str:
+    if VALID_HEADER_VALUE.fullmatch(value) is None:
+        raise ValueError("Unsafe header value")
+    return value
 
 
 class LeanCall:
@@ -84,11 +91,11 @@ class LeanCall:
         return self._status_code
 
     def set_header(self, name: str, value: str) -> None:
-        """Set a header (a str value: callers check values from elsewhere, and the connection refuses CR and LF)."""
-        self._headers[name] = value
+        """Set a header; ValueError for a value RFC 9110 does not allow, as RequestHandler.set_header."""
+        self._headers[name] = _checked(value)
 
     def add_header(self, name: str, value: str) -> None:
-        self._headers.add(name, value)
+        self._headers.add(name, _checked(value))
 
     def write(self, chunk: bytes) -> None:
         self._write_buffer.append(chunk)

@@ -274,10 +274,7 @@ class ProviderCall(LeanCall):
 
 class ProviderHandler(ApiHandler):
     """The route of provider calls. A call is served by ProviderCall, without this RequestHandler (handlers.lean);
-    what stays here is what a RequestHandler does best: CORS preflights, unknown methods, formatting errors."""
+    what stays here is what a RequestHandler does best: CORS preflights, unknown methods (405), formatting errors.
+    An unknown provider is answered 404 by ProviderCall, for every method but OPTIONS."""
 
     lean_call = ProviderCall
-
-    def prepare(self) -> None:
-        if self.request.method != "OPTIONS" and self.path_args[0] not in PROVIDERS:
-            raise ApiError(404, f"Unknown provider: {self.path_args[0]}")
