@@ -17,6 +17,9 @@ import sys
 import time
 from collections.abc import Callable
 
+import tornado.web
+from tornado.log import app_log, gen_log
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -119,6 +122,20 @@ def line_writer(logger: logging.Logger) -> Callable[[int, str], None]:
         if logger.isEnabledFor(level) and level >= handler.level:
             handler.write_line(level, name, message)
     return write
+
+
+def log_handler_exception(request, typ, value, tb) -> None:
+    """RequestHandler.log_exception for `request`, naming its path without the query string.
+
+    Tornado's own names the whole URI, twice on an uncaught exception; a query can carry an AI Pipe
+    token, a provider key (Gemini's ?key=) or a Google sign-in credential (/token?credential=).
+    """
+    summary = f"{request.method} {request.path} ({request.remote_ip})"
+    if isinstance(value, tornado.web.HTTPError):
+        if value.log_message:
+            gen_log.warning("%d %s: " + value.log_message, value.status_code, summary, *value.args)
+    else:
+        app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
 
 
 def setup_logging(level: int = logging.INFO) -> None:

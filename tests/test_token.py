@@ -1,6 +1,7 @@
 """/token: Google Sign-In credentials (signed by a test key, verified by google-auth) become AI Pipe tokens."""
 from __future__ import annotations
 
+import logging
 import time
 from urllib.parse import urlencode
 
@@ -67,6 +68,21 @@ async def test_get_with_credential_in_query_works_like_the_original(call):
     response = await call("/token?" + urlencode({"credential": credential("get@example.com")}))
     assert response.code == 200
     assert jwt.decode(body(response)["token"], SECRET, algorithms=["HS256"])["email"] == "get@example.com"
+
+
+@pytest.mark.gen_test
+async def test_a_failure_on_a_credential_in_the_query_logs_the_path_without_it(call, monkeypatch, caplog):
+    async def broken(self, credential):
+        raise RuntimeError("bug while exchanging")
+
+    cred = credential("query@example.com")
+    monkeypatch.setattr("aipipe.handlers.token.TokenHandler._exchange", broken)
+    with caplog.at_level(logging.WARNING):
+        response = await call("/token?" + urlencode({"credential": cred}))
+    assert response.code == 500 and body(response) == {"message": "Internal server error"}
+    logged = [rec for rec in caplog.records if rec.exc_info and rec.exc_info[0] is RuntimeError]
+    assert logged and "GET /token (" in logged[0].getMessage()
+    assert cred[:40] not in caplog.text
 
 
 @pytest.mark.gen_test

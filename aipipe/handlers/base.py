@@ -9,6 +9,7 @@ import tornado.web
 
 from ..errors import ApiError
 from ..gateway import Gateway
+from ..logs import log_handler_exception
 
 log = logging.getLogger("aipipe")
 ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -87,7 +88,7 @@ class ApiHandler(tornado.web.RequestHandler):
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, ApiError):
             return  # expected refusals; the access log has the status
-        super().log_exception(typ, value, tb)
+        log_handler_exception(self.request, typ, value, tb)
 
 
 class NotFoundHandler(ApiHandler):

@@ -9,6 +9,7 @@ import tornado.web
 
 from ..errors import ApiError
 from ..gateway import Gateway
+from ..logs import log_handler_exception
 
 # Pages run only their own scripts; frames, plugins and <base> tricks are refused everywhere.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -75,6 +76,9 @@ class PageHandler(tornado.web.RequestHandler):
         message = exc.message if isinstance(exc, ApiError) else self._reason if status_code < 500 else "Internal server error"
         self.render_template("error.html", status=status_code, message=message)
 
+    def log_exception(self, typ, value, tb) -> None:
+        log_handler_exception(self.request, typ, value, tb)
+
 
 class StaticHandler(tornado.web.StaticFileHandler):
     """ui/static, importable from any origin: apps load /aipipe.js cross-origin as an ES module."""
@@ -88,3 +92,6 @@ class StaticHandler(tornado.web.StaticFileHandler):
         if self.absolute_path.endswith((".js", ".mjs")):
             return "text/javascript; charset=utf-8"
         return super().get_content_type()
+
+    def log_exception(self, typ, value, tb) -> None:
+        log_handler_exception(self.request, typ, value, tb)
