@@ -85,7 +85,8 @@ class TurnHandler(logging.StreamHandler):
             try:
                 stamp = self.formatter.stamp(time.time() if now is None else now)
                 self.stream.write(f"{stamp} {logging.getLevelName(level)} {name}: {message}{self.terminator}")
-                self.flush()
+                if not self._due:  # else the flush at the end of this loop turn takes this line too
+                    self.flush()
             except Exception:  # as StreamHandler.emit: a failed log line never fails the request
                 self._report_failure(message)
 

@@ -56,7 +56,11 @@ def read_usage(obj) -> Usage | None:
 
 
 def _openai_usage(u: dict, model: str) -> Usage:
-    usage = Usage(_int(u, "prompt_tokens", "input_tokens"), _int(u, "completion_tokens", "output_tokens"), model=model)
+    given, made = u.get("prompt_tokens"), u.get("completion_tokens")
+    if given.__class__ is int and made.__class__ is int and given >= 0 and made >= 0:  # Chat Completions' usual case
+        usage = Usage(given, made, model=model)
+    else:
+        usage = Usage(_int(u, "prompt_tokens", "input_tokens"), _int(u, "completion_tokens", "output_tokens"), model=model)
     details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or u.get("input_token_details")
     if isinstance(details, dict):
         usage.cached_tokens = _int(details, "cached_tokens")

@@ -154,9 +154,11 @@ def decide(req: HoldRequest, st: UserState, now: float, new_id) -> tuple[Admissi
     max_inflight requests open and fewer than rpm requests in the last minute. An admitted request's
     hold is added to st.
     """
-    since = req.since.isoformat()
-    spent = sum(cost for day, cost in st.daily if day >= since)
-    recent = st.recent or []
+    since, spent = req.since.isoformat(), 0.0
+    for day, cost in st.daily:  # a loop, not sum() over a generator: this runs for every request
+        if day >= since:
+            spent += cost
+    recent = st.recent or ()
     if req.max_inflight and st.inflight >= req.max_inflight:
         return Admission(None, spent, st.held, "concurrency", 1), None
     if req.rpm and len(recent) >= req.rpm:
@@ -168,7 +170,8 @@ def decide(req: HoldRequest, st: UserState, now: float, new_id) -> tuple[Admissi
     admission = Admission(hold_id, spent, st.held)
     st.held += req.amount
     st.inflight += 1
-    st.recent = recent + [now]
+    if req.rpm:  # later requests of the batch count this one
+        st.recent = [*recent, now]
     return admission, (hold_id, req.email, req.amount, now, now + req.hold_seconds)
 
 

@@ -94,6 +94,10 @@ class LeanCall:
         """Set a header; ValueError for a value RFC 9110 does not allow, as RequestHandler.set_header."""
         self._headers[name] = _checked(value)
 
+    def set_own_header(self, name: str, value: str) -> None:
+        """set_header for a value made here from numbers, which needs no check."""
+        self._headers[name] = value
+
     def add_header(self, name: str, value: str) -> None:
         self._headers.add(name, _checked(value))
 

@@ -147,7 +147,7 @@ class ProviderCall(LeanCall):
 
     def _set_overhead(self) -> None:
         added = (self._sent_at - self.started) + (time.perf_counter() - self._received_at)
-        self.set_header("X-AIPipe-Overhead-Ms", f"{added * 1000:.3f}")
+        self.set_own_header("X-AIPipe-Overhead-Ms", f"{added * 1000:.3f}")
 
     def _on_chunk(self, chunk: bytes) -> Awaitable[None] | None:
         """A read of the answer; what it returns is awaited before the next read (nothing, for JSON)."""
@@ -266,7 +266,7 @@ class ProviderCall(LeanCall):
                 pass
             self.outcome.output_bytes = len(body)
             self.outcome.cost, self._priced = self._cost(), True
-            self.set_header("X-AIPipe-Cost", f"{self.outcome.cost:.10f}".rstrip("0").rstrip(".") or "0")
+            self.set_own_header("X-AIPipe-Cost", f"{self.outcome.cost:.10f}".rstrip("0").rstrip(".") or "0")
         self._set_overhead()
         if body:  # none on a 204 or 304, which Tornado refuses to send with one
             self.write(body)

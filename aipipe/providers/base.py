@@ -20,6 +20,7 @@ FORWARD_REQUEST_HEADERS = frozenset({
 FORWARD_REQUEST_PREFIXES = ("x-stainless-",)
 _FORWARDED: dict[str, bool] = {}  # request header names (as Tornado spells them) seen so far -> forwarded?
 NO_BODY_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")
+MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")  # the first one set counts
 MISSING_MODEL = "Pass a JSON body with {model} so we can calculate cost"
 
 
@@ -74,12 +75,13 @@ class Call:
         data = self.data
         if not isinstance(data, dict):
             return 0
-        cfg = data.get("generationConfig")
-        for v in (data.get("max_completion_tokens"), data.get("max_output_tokens"), data.get("max_tokens"),
-                  cfg.get("maxOutputTokens") if isinstance(cfg, dict) else None):
+        for name in MAX_TOKENS_FIELDS:
+            v = data.get(name)
             if v.__class__ is int and v > 0:  # bool, a subclass of int, is not a count
                 return v
-        return 0
+        cfg = data.get("generationConfig")
+        v = cfg.get("maxOutputTokens") if isinstance(cfg, dict) else None
+        return v if v.__class__ is int and v > 0 else 0
 
 
 def is_forwarded(name: str) -> bool:
