@@ -2,8 +2,8 @@
 
 Starts a fast fake OpenAI (tests/bench_upstream.py), the arms, and a load generator, all on 127.0.0.1.
 The measured server is pinned to core 0, the load generator and the fake to core 1; arms are interleaved
-(direct, passthrough, gateway, [litellm], direct again) for --rounds rounds and medians are printed as one
-table with ratios. Scenarios: 1 chat JSON at c=1/c=32, 2 chat streams of 50 events at c=1/c=32,
+(direct, passthrough, gateway, [litellm], direct again; the middle ones reversed every other round) for
+--rounds rounds and medians are printed as one table with ratios. Scenarios: 1 chat JSON at c=1/c=32, 2 chat streams of 50 events at c=1/c=32,
 3 many streams held open (1,000 x 20 s; --quick: 200 x 5 s), 4 /similarity (hook), 5 --processes 2 vs 1.
 """
 from __future__ import annotations
@@ -39,6 +39,15 @@ PATHS = {"direct": "/v1/chat/completions", "passthrough": "/v1/chat/completions"
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
 STREAM = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"max_tokens":64,"stream":true}'
 METRICS = ("rps", "p50", "p99", "ttfb_p50", "ttfb_p99", "rss", "max_gap", "cpu_ms")
+
+
+def round_order(arms: list[str], round_no: int) -> list[str]:
+    """The arms of one round: the proxies in turn, in reverse order every other round (so that a machine
+    slowing down or speeding up during a round favours none of them), between two direct runs."""
+    middle = [arm for arm in arms if arm != "direct"]
+    if round_no % 2:
+        middle.reverse()
+    return ["direct", *middle, "direct#again"] if "direct" in arms else middle
 
 
 class Server:
@@ -129,9 +138,8 @@ class Bench:
             load.run_load(server.port, server.path, CHAT, toks, 16, 2.0, max_requests=8)
 
     def interleave(self, case: str, arms: list[str], kind: str, concurrency: int, duration: float, **kw) -> None:
-        order = arms + (["direct#again"] if "direct" in arms else [])
         for round_no in range(self.args.rounds):
-            for arm in order:
+            for arm in round_order(arms, round_no):
                 self.measure(case, arm, kind, concurrency, duration, **kw)
 
     # -- scenarios -----------------------------------------------------------------------------------

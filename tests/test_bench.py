@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from .bench import round_order
 from .bench_procs import ROOT
 
 
@@ -22,6 +23,14 @@ def run_bench(tmp_path, *args: str, timeout: float = 120) -> dict:
 
 def rows_by_arm(result: dict, case: str) -> dict:
     return {r["arm"]: r for r in result["cases"] if r["case"] == case}
+
+
+def test_rounds_alternate_the_order_of_the_proxies_between_two_direct_runs():
+    arms = ["direct", "passthrough", "gateway", "litellm"]
+    assert round_order(arms, 0) == ["direct", "passthrough", "gateway", "litellm", "direct#again"]
+    assert round_order(arms, 1) == ["direct", "litellm", "gateway", "passthrough", "direct#again"]
+    assert round_order(arms, 2) == round_order(arms, 0)
+    assert round_order(["gateway-p1", "gateway-p2"], 1) == ["gateway-p2", "gateway-p1"]
 
 
 def test_quick_bench_serves_every_arm_without_errors_and_bills_every_gateway_call(tmp_path):
