@@ -77,7 +77,7 @@ async def test_call_sends_server_date_and_its_access_line(call, gateway, upstrea
         r = await call("/openai/v1/chat/completions", "POST", json=chat(), token=token("logged@example.com"))
     assert r.code == 200
     stamp = parsedate_to_datetime(r.headers["Date"]).timestamp()
-    assert int(before) <= stamp <= time.time() and r.headers["Server"].startswith("TornadoServer/")
+    assert int(before) <= stamp <= time.time() and "Server" not in r.headers
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "aipipe.access"]
     assert any(line.startswith("200 POST /openai/v1/chat/completions ") for line in lines), lines
     await settled(gateway)

@@ -221,3 +221,10 @@ async def test_page_errors_are_html_and_api_errors_stay_json(call):
     api = await call("/usage")
     assert api.code == 401 and "Missing" in orjson.loads(api.body)["message"]
     assert (await call("/static/nope.js")).code == 404
+
+
+@pytest.mark.gen_test
+async def test_no_answer_names_the_server_software(call):
+    for path in ("/login", "/usage", "/aipipe.js", "/static/nope.js", "/nope"):
+        r = await call(path)
+        assert "Server" not in r.headers, path

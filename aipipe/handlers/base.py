@@ -31,7 +31,7 @@ def copy_upstream_headers(target, headers, drop: frozenset[str]) -> None:
             target.add_header(name, value)
         else:
             seen.add(lower)
-            target.set_header(name, value)  # replaces the defaults (Content-Type, Server, Date)
+            target.set_header(name, value)  # replaces the defaults (Content-Type, Date)
 
 
 class ApiHandler(tornado.web.RequestHandler):
@@ -43,6 +43,7 @@ class ApiHandler(tornado.web.RequestHandler):
         self.gw = gateway
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")  # it would tell which Tornado version answers (see README, Logs and headers)
         for name, value in CORS_HEADERS:
             self.set_header(name, value)
 

@@ -21,14 +21,12 @@ import time
 from asyncio import Future
 from typing import Any
 
-import tornado
 import tornado.web
 from tornado import httputil
 from tornado.log import app_log, gen_log
 
 from .base import CORS_HEADERS
 
-SERVER = f"TornadoServer/{tornado.version}"
 REASON_PHRASE = re.compile(r"[\t\x20-\x7e\x80-\xff]+")  # RFC 9112: HTAB, SP, VCHAR, obs-text
 VALID_HEADER_VALUE = re.compile(r"[\x09\x20-\x7e\x80-\xff]*")  # RFC 9110 field values, as Tornado checks them
 _date = [0, ""]  # [whole second, its HTTP date]: formatted once a second, not once a call
@@ -50,7 +48,8 @@ def _checked(value: str) -> str:
 
 class LeanCall:
     """One request, answered through its HTTP connection: the subset of RequestHandler's response interface
-    a passthrough needs (status, headers, write, flush, finish), with the same defaults (Server, Date, CORS)."""
+    a passthrough needs (status, headers, write, flush, finish), with the same defaults as the base handler
+    (Date and CORS; no Server header)."""
 
     SUPPORTED_METHODS: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
@@ -59,7 +58,6 @@ class LeanCall:
         self.application, self.request = application, request
         self._fallback, self._kwargs = fallback, kwargs  # who formats this call's errors, and its arguments
         headers = self._headers = httputil.HTTPHeaders()
-        headers["Server"] = SERVER
         headers["Date"] = http_date(time.time())
         for name, value in CORS_HEADERS:
             headers[name] = value

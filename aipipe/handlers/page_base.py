@@ -46,6 +46,7 @@ class PageHandler(tornado.web.RequestHandler):
         self.template = template
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")
         self.set_header("Content-Security-Policy", self.csp)
         self.set_header("X-Frame-Options", "DENY")  # the consent screen must never be framed (clickjacking)
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -84,6 +85,7 @@ class StaticHandler(tornado.web.StaticFileHandler):
     """ui/static, importable from any origin: apps load /aipipe.js cross-origin as an ES module."""
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")
         self.set_header("Access-Control-Allow-Origin", "*")
         self.set_header("X-Content-Type-Options", "nosniff")
 
