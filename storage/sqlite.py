@@ -45,7 +45,7 @@ ADD_COST = """INSERT INTO usage (email, date, cost) VALUES (?, ?, ?)
 def ledger_row(c: Charge) -> tuple:
     """A Charge as the LEDGER_INSERT parameters."""
     return (c.ts, c.email, c.day.isoformat(), c.kind, c.provider, c.model, c.input_tokens,
-            c.output_tokens, c.cost, c.status, c.duration_ms, int(c.streamed), int(c.aborted))
+            c.output_tokens, c.cost, c.status, c.duration_ms, c.streamed, c.aborted)  # booleans are stored as 1 and 0
 
 
 class SQLiteStore(Store):
@@ -140,9 +140,13 @@ class SQLiteStore(Store):
     async def settle(self, charges: list[Charge]) -> None:
         """Ledger rows, daily totals and hold releases for a batch, in one transaction."""
         billed = [ledger_row(c) for c in charges if c.kind != "release"]
-        costs = [(c.email, c.day.isoformat(), c.cost) for c in charges if c.kind != "release" and c.cost]
+        totals: dict[tuple[str, str], float] = {}  # one update per user and day, as PostgreSQL's SETTLE does
+        for row in billed:
+            if row[8]:  # cost
+                key = row[1], row[2]  # email, date
+                totals[key] = totals.get(key, 0.0) + row[8]
         released = [(c.hold_id,) for c in charges if c.hold_id is not None]
-        await self._write(_settle, billed, costs, released)
+        await self._write(_settle, billed, [(*key, cost) for key, cost in totals.items()], released)
 
     async def spend(self, email: str, since: date) -> float:
         """Settled cost in the window."""

@@ -32,6 +32,7 @@ from .bench_procs import (
     stop_all,
     tokens,
     wait_http,
+    wait_quiet,
 )
 from .bench_report import render_table, summarise_cases, targets
 
@@ -121,6 +122,8 @@ class Bench:
         # the server's CPU time per answered request: steadier than req/s when the machine is shared
         r["cpu_ms"] = (1000 * (cpu_seconds(server.proc) - cpu_before) / r["ok"]
                        if server.proc is not None and r["ok"] else float("nan"))
+        if server.proc is not None:
+            wait_quiet(server.proc)
         if server.gateway:
             after = server.gateway.settled()
             r["billed"], r["billed_cost"] = after[0] - before[0], after[1] - before[1]

@@ -5,11 +5,12 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
 from .bench import round_order
-from .bench_procs import ROOT
+from .bench_procs import ROOT, wait_quiet
 
 
 def run_bench(tmp_path, *args: str, timeout: float = 120) -> dict:
@@ -31,6 +32,22 @@ def test_rounds_alternate_the_order_of_the_proxies_between_two_direct_runs():
     assert round_order(arms, 1) == ["direct", "litellm", "gateway", "passthrough", "direct#again"]
     assert round_order(arms, 2) == round_order(arms, 0)
     assert round_order(["gateway-p1", "gateway-p2"], 1) == ["gateway-p2", "gateway-p1"]
+
+
+def test_waiting_for_a_server_to_go_quiet_ends_at_once_when_idle_and_at_the_timeout_when_busy():
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.5)  # both started
+        started = time.monotonic()
+        wait_quiet(idle, timeout=3.0)
+        assert time.monotonic() - started < 1.0
+        started = time.monotonic()
+        wait_quiet(busy, timeout=0.6)
+        assert 0.6 <= time.monotonic() - started < 2.0
+    finally:
+        idle.kill()
+        busy.kill()
 
 
 def test_quick_bench_serves_every_arm_without_errors_and_bills_every_gateway_call(tmp_path):
