@@ -52,7 +52,7 @@ class TurnHandler(logging.StreamHandler):
 
     def __init__(self, stream) -> None:
         super().__init__(stream)
-        self._due = False  # a flush is scheduled on the running loop
+        self._due: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
         self._failing = False  # the last write failed (reported once, then dropped until one succeeds)
 
     def flush(self) -> None:  # StreamHandler.emit calls this after every record
@@ -62,12 +62,12 @@ class TurnHandler(logging.StreamHandler):
             loop = None
         if loop is None:
             super().flush()
-        elif not self._due:
-            self._due = True
+        elif self._due is not loop:  # (a loop that ended before its flush ran leaves no claim behind)
+            self._due = loop
             loop.call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
-        self._due = False
+        self._due = None
         try:
             super().flush()
             self._failing = False
@@ -85,7 +85,8 @@ class TurnHandler(logging.StreamHandler):
             try:
                 stamp = self.formatter.stamp(time.time() if now is None else now)
                 self.stream.write(f"{stamp} {logging.getLevelName(level)} {name}: {message}{self.terminator}")
-                if not self._due:  # else the flush at the end of this loop turn takes this line too
+                due = self._due
+                if due is None or not due.is_running():  # else the flush due at the end of its turn takes this line
                     self.flush()
             except Exception:  # as StreamHandler.emit: a failed log line never fails the request
                 self._report_failure(message)

@@ -154,10 +154,8 @@ def decide(req: HoldRequest, st: UserState, now: float, new_id) -> tuple[Admissi
     max_inflight requests open and fewer than rpm requests in the last minute. An admitted request's
     hold is added to st.
     """
-    since, spent = req.since.isoformat(), 0.0
-    for day, cost in st.daily:  # a loop, not sum() over a generator: this runs for every request
-        if day >= since:
-            spent += cost
+    since = req.since.isoformat()
+    spent = sum(cost for day, cost in st.daily if day >= since)  # sum(), as /usage adds (compensated from 3.12)
     recent = st.recent or ()
     if req.max_inflight and st.inflight >= req.max_inflight:
         return Admission(None, spent, st.held, "concurrency", 1), None

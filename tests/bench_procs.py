@@ -148,7 +148,7 @@ def cpu_seconds(proc: subprocess.Popen) -> float:
     return total / ticks
 
 
-def wait_quiet(proc: subprocess.Popen, timeout: float = 5.0, step: float = 0.1, busy: float = 0.05) -> None:
+def wait_quiet(proc: subprocess.Popen, timeout: float = 5.0, step: float = 0.2, busy: float = 0.1) -> None:
     """Wait (up to timeout seconds) until the server uses under `busy` of a core over `step` seconds: a server
     still working off requests a load run left it would take CPU from the next arm measured on its core."""
     deadline = time.monotonic() + timeout

@@ -84,6 +84,26 @@ def test_lines_of_one_loop_turn_leave_in_one_flush(installed):
         assert stream.flushes == 2 and stream.getvalue().endswith("aipipe.test.turns: outside a loop\n")
 
 
+def test_shortcut_lines_of_one_turn_leave_together_and_a_dead_loop_holds_none_back(installed):
+    handler, stream = installed
+
+    async def main():
+        handler.flush()  # a record's flush: the loop's end-of-turn flush is now due
+        for i in range(3):
+            handler.write_line(logging.INFO, "aipipe.access", f"200 GET /usage {i}.0ms")
+        within = stream.flushes
+        await asyncio.sleep(0)
+        return within
+
+    assert asyncio.run(main()) == 0 and stream.flushes == 1 and stream.getvalue().count("\n") == 3
+    ended = asyncio.new_event_loop()  # a loop that closed before the flush it was due to run
+    ended.call_soon(handler._flush_now)
+    handler._due = ended
+    ended.close()
+    handler.write_line(logging.INFO, "aipipe.access", "200 GET /usage 9.0ms")
+    assert stream.flushes == 2 and stream.getvalue().endswith("200 GET /usage 9.0ms\n")
+
+
 def test_access_lines_take_the_shortcut_and_respect_levels(installed, monkeypatch):
     handler, stream = installed
     made = []
@@ -147,7 +167,7 @@ def test_a_failing_stderr_is_reported_once_and_never_fails_the_loop_or_a_request
         return errors, flushes_before
 
     errors, due = asyncio.run(main())
-    assert errors == [] and due is False
+    assert errors == [] and due is None
     assert len(reports) == 1  # said once, not once per line or per turn
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import logging
 import re
 from urllib.parse import quote
 
@@ -221,6 +222,15 @@ async def test_page_errors_are_html_and_api_errors_stay_json(call):
     api = await call("/usage")
     assert api.code == 401 and "Missing" in orjson.loads(api.body)["message"]
     assert (await call("/static/nope.js")).code == 404
+
+
+@pytest.mark.gen_test
+async def test_a_page_argument_that_is_not_utf8_is_a_400_page_without_it(call, caplog):
+    with caplog.at_level(logging.INFO):
+        r = await call("/login?redirect=https://app.example/%ff%fe-private")
+    assert r.code == 400 and r.headers["Content-Type"].startswith("text/html")
+    assert b"Invalid unicode in redirect" in r.body and b"private" not in r.body
+    assert "private" not in caplog.text
 
 
 @pytest.mark.gen_test

@@ -1,6 +1,9 @@
 """Proxying OpenAI: what the client gets back, what the provider sees, and what the user is billed."""
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import orjson
 import pytest
 from tornado.httputil import HTTPHeaders
@@ -250,6 +253,28 @@ async def test_unreachable_provider_is_502(make_gateway, serve, call, upstream):
     r = await call(url + "/openai/v1/chat/completions", "POST", json=chat(), token=token("a@example.com"))
     assert r.code == 502 and message(r).startswith("Could not reach openai")
     assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.mark.gen_test
+async def test_a_provider_answering_nonsense_is_502_and_the_log_keeps_the_query_out(make_gateway, serve, call, caplog):
+    async def nonsense(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 abc nonsense\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(nonsense, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        url = serve(await make_gateway(providers={"openai": {"base_url": f"http://127.0.0.1:{port}"}}))
+        with caplog.at_level(logging.WARNING):
+            r = await call(url + "/openai/v1/chat/completions?secret=q-0123", "POST", json=chat(),
+                           token=token("odd@example.com"))
+    finally:
+        server.close()
+    assert r.code == 502 and message(r) == "Could not reach openai: the answer was not valid HTTP"
+    assert "no answer from openai" in caplog.text
+    assert "q-0123" not in caplog.text  # aiohttp's own text of this error holds the URL with its query
 
 
 @pytest.mark.gen_test

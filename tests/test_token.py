@@ -86,6 +86,14 @@ async def test_a_failure_on_a_credential_in_the_query_logs_the_path_without_it(c
 
 
 @pytest.mark.gen_test
+async def test_a_credential_that_is_not_utf8_is_400_without_being_quoted(call, caplog):
+    with caplog.at_level(logging.INFO):
+        response = await call("/token?credential=eyJhbGciOi%ff%fe-not-utf8")
+    assert response.code == 400 and body(response) == {"message": "Invalid unicode in credential"}
+    assert "eyJhbGciOi" not in caplog.text
+
+
+@pytest.mark.gen_test
 async def test_post_as_form_like_google_redirect_mode(call):
     form = urlencode({"credential": credential("form@example.com"), "g_csrf_token": "x"})
     response = await call("/token", "POST", body=form, headers={"Content-Type": "application/x-www-form-urlencoded"})

@@ -34,6 +34,17 @@ def copy_upstream_headers(target, headers, drop: frozenset[str]) -> None:
             target.set_header(name, value)  # replaces the defaults (Content-Type, Date)
 
 
+def decode_utf8(value: bytes | str, name: str | None) -> str:
+    """RequestHandler.decode_argument, except that a value which is not UTF-8 is answered 400 without being
+    quoted back in the answer or the log (Tornado quotes its first 40 bytes, and it may be a credential)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, f"Invalid unicode in {name or 'url'}") from None
+
+
 class ApiHandler(tornado.web.RequestHandler):
     """JSON API handler with CORS and uniform errors; dependencies arrive via initialize()."""
 
@@ -46,6 +57,9 @@ class ApiHandler(tornado.web.RequestHandler):
         self.clear_header("Server")  # it would tell which Tornado version answers (see README, Logs and headers)
         for name, value in CORS_HEADERS:
             self.set_header(name, value)
+
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        return decode_utf8(value, name)
 
     def options(self, *args: Any) -> None:
         """CORS preflight: 200, no auth, cached for a day."""

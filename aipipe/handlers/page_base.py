@@ -10,6 +10,7 @@ import tornado.web
 from ..errors import ApiError
 from ..gateway import Gateway
 from ..logs import log_handler_exception
+from .base import decode_utf8
 
 # Pages run only their own scripts; frames, plugins and <base> tricks are refused everywhere.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -79,6 +80,9 @@ class PageHandler(tornado.web.RequestHandler):
 
     def log_exception(self, typ, value, tb) -> None:
         log_handler_exception(self.request, typ, value, tb)
+
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        return decode_utf8(value, name)
 
 
 class StaticHandler(tornado.web.StaticFileHandler):

@@ -107,8 +107,8 @@ class ProviderCall(LeanCall):
         self._finish_answer()
 
     def _connection_error(self, error: BaseException) -> ApiError:
-        # The detail, for the operator only; str(), since aiohttp's repr() of some errors shows request headers.
-        log.warning("no answer from %s: %s: %s", self.provider_name, type(error).__name__, error)
+        # describe(), not aiohttp's own text, which can hold the provider URL with the caller's query string
+        log.warning("no answer from %s: %s: %s", self.provider_name, type(error).__name__, describe(error))
         if is_timeout(error):
             return ApiError(504, f"{self.provider_name} did not answer in time")
         return ApiError(502, f"Could not reach {self.provider_name}: {describe(error)}")
