@@ -3,13 +3,15 @@
 Starts a fast fake OpenAI (tests/bench_upstream.py), the arms, and a load generator, all on 127.0.0.1.
 The measured server is pinned to core 0, the load generator and the fake to core 1; arms are interleaved
 (direct, passthrough, gateway, [litellm], direct again; the middle ones reversed every other round) for
---rounds rounds and medians are printed as one table with ratios. Scenarios: 1 chat JSON at c=1/c=32, 2 chat streams of 50 events at c=1/c=32,
+--rounds rounds and medians are printed as one table with ratios. Scenarios: 1 chat JSON at c=1/c=32 (and at c=32 once more with the proxies loaded at the
+same time on one core: "side by side"), 2 chat streams of 50 events at c=1/c=32,
 3 many streams held open (1,000 x 20 s; --quick: 200 x 5 s), 4 /similarity (hook), 5 --processes 2 vs 1.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -109,23 +111,49 @@ class Bench:
                 body: bytes | None = None, **kw) -> dict:
         server = self.servers[arm.split("#")[0]]
         toks = [LITELLM_KEY] if arm == "litellm" else self.tokens
-        before = server.gateway.settled() if server.gateway else None
-        if server.proc is not None:
-            reset_peak_rss(server.proc)
-            cpu_before = cpu_seconds(server.proc)
+        before = self._before(server)
         if kind == "json" and load.have_wrk() and not self.args.asyncio_only:
             r = load.run_wrk(server.port, server.path, CHAT, toks, concurrency, duration, self.work)
         else:
             body = body or (CHAT if kind == "json" else STREAM)
             r = load.run_load(server.port, path or server.path, body, toks, concurrency, duration, **kw)
+        return self._record(case, arm, server, r, before)
+
+    def side_by_side(self, arms: list[str], concurrency: int, duration: float) -> None:
+        """Chat at `concurrency` against the proxies at the same time, one wrk each, all of them on core 0.
+
+        Each gets a fair share of the same core over the same seconds, so whatever the machine's neighbours
+        do falls on all of them alike, and their req/s ratio is that of their CPU cost per call. Runs of one
+        arm after another, seconds apart, catch the shared machine in different moods.
+        """
+        case = f"1 chat c={concurrency} side by side"
+        for _ in range(self.args.rounds):
+            servers = {arm: self.servers[arm] for arm in arms}
+            before = {arm: self._before(server) for arm, server in servers.items()}
+            with concurrent.futures.ThreadPoolExecutor(len(arms)) as pool:
+                runs = {arm: pool.submit(load.run_wrk, server.port, server.path, CHAT, self.tokens, concurrency,
+                                         duration, tempfile.mkdtemp(dir=self.work)) for arm, server in servers.items()}
+            for arm, server in servers.items():
+                self._record(case, arm, server, runs[arm].result(), before[arm])
+
+    def _before(self, server: Server) -> dict:
+        """What a measurement starts from: the gateway's billed rows, the server's CPU time (peak RSS reset)."""
+        before = {"billed": server.gateway.settled() if server.gateway else None}
+        if server.proc is not None:
+            reset_peak_rss(server.proc)
+            before["cpu"] = cpu_seconds(server.proc)
+        return before
+
+    def _record(self, case: str, arm: str, server: Server, r: dict, before: dict) -> dict:
+        """Add peak RSS, CPU per call and (gateways) billing to a load run's result, and keep it as a sample."""
         r["rss"] = peak_rss_mb(server.proc) if server.proc is not None else float("nan")
         # the server's CPU time per answered request: steadier than req/s when the machine is shared
-        r["cpu_ms"] = (1000 * (cpu_seconds(server.proc) - cpu_before) / r["ok"]
+        r["cpu_ms"] = (1000 * (cpu_seconds(server.proc) - before["cpu"]) / r["ok"]
                        if server.proc is not None and r["ok"] else float("nan"))
         if server.proc is not None:
             wait_quiet(server.proc)
         if server.gateway:
-            after = server.gateway.settled()
+            before, after = before["billed"], server.gateway.settled()
             r["billed"], r["billed_cost"] = after[0] - before[0], after[1] - before[1]
             if r["billed"] < r["ok"]:
                 self.notes.append(f"{case} {arm}: only {r['billed']} of {r['ok']} answered requests were billed")
@@ -157,6 +185,8 @@ class Bench:
             self.configure_upstream(50, 0.0)
             for c in levels:
                 self.interleave(f"1 chat c={c}", arms, "json", c, a.duration)
+            if max(levels) > 1 and load.have_wrk() and not a.asyncio_only:
+                self.side_by_side([arm for arm in arms if arm not in ("direct", "litellm")], max(levels), a.duration)
         if "2" in a.scenarios:
             self.configure_upstream(50, a.event_interval)
             for c in levels:

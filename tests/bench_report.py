@@ -89,6 +89,10 @@ def targets(rows: list[dict]) -> list[dict]:
     if g32 and not math.isnan(g32["x_passthrough"]):
         check(">= 80% of passthrough req/s at c=32", g32["x_passthrough"], g32["x_passthrough"] >= 0.8,
               f"{g32['x_passthrough']:.0%}")
+    side = _find(rows, "1 chat c=32 side by side", "gateway")
+    if side and not math.isnan(side["x_passthrough"]):
+        check(">= 80% of passthrough req/s at c=32, side by side on one core", side["x_passthrough"],
+              side["x_passthrough"] >= 0.8, f"{side['x_passthrough']:.0%}")
     g1 = _find(rows, "1 chat c=1", "gateway")
     if g1 and not math.isnan(g1["added_ms"]):
         check("added p50 latency at c=1 < 1 ms", g1["added_ms"], g1["added_ms"] < 1, f"{g1['added_ms']:+.2f} ms")

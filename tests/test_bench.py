@@ -62,6 +62,13 @@ def test_quick_bench_serves_every_arm_without_errors_and_bills_every_gateway_cal
     assert gateway["rss"] > 0
     for arm in ("passthrough", "gateway"):  # the server's CPU time per answered request, from /proc
         assert 0 < rows[arm]["cpu_ms"] < 1000, arm
+    together = rows_by_arm(result, "1 chat c=32 side by side")  # both loaded at once, sharing core 0
+    assert set(together) == {"passthrough", "gateway"}
+    for arm, row in together.items():
+        assert row["errors"] == 0 and row["ok"] > 0 and 0 < row["cpu_ms"] < 1000, arm
+    assert together["gateway"]["billed"] >= together["gateway"]["ok"]
+    assert together["gateway"]["x_passthrough"] > 0
+    assert any(t["target"].endswith("side by side on one core") for t in result["targets"])
 
 
 @pytest.mark.slow
