@@ -3,9 +3,10 @@
 Starts a fast fake OpenAI (tests/bench_upstream.py), the arms, and a load generator, all on 127.0.0.1.
 The measured server is pinned to core 0, the load generator and the fake to core 1; arms are interleaved
 (direct, passthrough, gateway, [litellm], direct again; the middle ones reversed every other round) for
---rounds rounds and medians are printed as one table with ratios. Scenarios: 1 chat JSON at c=1/c=32 (and at c=32 once more with the proxies loaded at the
-same time on one core: "side by side"), 2 chat streams of 50 events at c=1/c=32,
-3 many streams held open (1,000 x 20 s; --quick: 200 x 5 s), 4 /similarity (hook), 5 --processes 2 vs 1.
+--rounds rounds and medians are printed as one table with ratios. Scenarios: 1 chat JSON at c=1/c=32, and at
+c=32 once more with the proxies loaded at the same time on one core ("side by side"); 2 chat streams of
+50 events at c=1/c=32; 3 many streams held open (1,000 x 20 s; --quick: 200 x 5 s); 4 /similarity;
+5 --processes 2 vs 1.
 """
 from __future__ import annotations
 
