@@ -34,6 +34,9 @@ def copy_upstream_headers(target, headers, drop: frozenset[str]) -> None:
             target.set_header(name, value)  # replaces the defaults (Content-Type, Date)
 
 
+INVALID_URL = "Invalid unicode in url"
+
+
 def decode_utf8(value: bytes | str, name: str | None) -> str:
     """RequestHandler.decode_argument, except that a value which is not UTF-8 is answered 400 without being
     quoted back in the answer or the log (Tornado quotes its first 40 bytes, and it may be a credential)."""
@@ -42,7 +45,7 @@ def decode_utf8(value: bytes | str, name: str | None) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
-        raise ApiError(400, f"Invalid unicode in {name or 'url'}") from None
+        raise ApiError(400, f"Invalid unicode in {name}" if name else INVALID_URL) from None
 
 
 class ApiHandler(tornado.web.RequestHandler):

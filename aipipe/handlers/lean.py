@@ -25,7 +25,8 @@ import tornado.web
 from tornado import httputil
 from tornado.log import app_log, gen_log
 
-from .base import CORS_HEADERS, decode_utf8
+from ..errors import ApiError
+from .base import CORS_HEADERS, INVALID_URL
 
 REASON_PHRASE = re.compile(r"[\t\x20-\x7e\x80-\xff]+")  # RFC 9112: HTAB, SP, VCHAR, obs-text
 VALID_HEADER_VALUE = re.compile(r"[\x09\x20-\x7e\x80-\xff]*")  # RFC 9110 field values, as Tornado checks them
@@ -145,8 +146,11 @@ class LeanCall:
     async def serve(self, path_args: list[bytes]) -> None:
         """Run call() and finish the answer, or hand what went wrong to the route's RequestHandler."""
         try:
-            # 400 "Invalid unicode in url" when a part is not UTF-8, as the route's RequestHandler answers
-            await self.call(*[None if arg is None else decode_utf8(arg, None) for arg in path_args])
+            try:
+                args = [None if arg is None else arg.decode("utf-8") for arg in path_args]
+            except UnicodeDecodeError:  # as the route's RequestHandler answers it (ApiHandler.decode_argument)
+                raise ApiError(400, INVALID_URL) from None
+            await self.call(*args)
             if not self._finished:
                 self.finish()
         except Exception as e:
