@@ -57,7 +57,7 @@ class ApiHandler(tornado.web.RequestHandler):
         self.gw = gateway
 
     def set_default_headers(self) -> None:
-        self.clear_header("Server")  # it would tell which Tornado version answers (see README, Logs and headers)
+        self.clear_header("Server")  # Tornado's would tell which version answers (README, How money is tracked)
         for name, value in CORS_HEADERS:
             self.set_header(name, value)
 
