@@ -17,6 +17,7 @@ import os
 from typing import Awaitable, Callable
 
 import aiohttp
+from yarl import URL
 
 IDLE_SECONDS = 20.0  # providers close idle connections after a minute or more; stay well inside that
 # aiohttp would add a Content-Type (application/octet-stream) to a body the app sent without one. Its
@@ -78,7 +79,9 @@ class Upstream:
             for attempt in (1, 2):
                 started, sent = False, loop.time()
                 try:
-                    async with self.session.request(method, url, headers=headers, data=body, timeout=limits,
+                    # encoded=True: sent as written, with no dot segments folded or escapes re-read (request_path)
+                    async with self.session.request(method, URL(url, encoded=True), headers=headers, data=body,
+                                                    timeout=limits,
                                                     allow_redirects=False) as response:
                         started = True
                         on_start(response.status, response.reason or "",

@@ -43,3 +43,38 @@ def sse_data(body: bytes) -> list:
 
 def message(response) -> str:
     return orjson.loads(response.body)["message"]
+
+
+async def raw_request(base_url: str, method: str, target: str, headers: dict | None = None,
+                      body: bytes = b"") -> tuple[int, dict, bytes]:
+    """Send one request exactly as written (no client normalises its path) and read the answer to its end.
+
+    Returns (status, headers with lower-case names, body); the connection is closed after the answer."""
+    host, port = base_url.split("//", 1)[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+    try:
+        raw = await asyncio.wait_for(reader.read(-1), 30)
+    finally:
+        writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    found = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        found[name.strip().lower()] = value.strip()
+    if "chunked" in found.get("transfer-encoding", ""):
+        out, pos = b"", 0
+        while True:
+            end = rest.index(b"\r\n", pos)
+            size = int(rest[pos:end], 16)
+            if size == 0:
+                break
+            out += rest[end + 2:end + 2 + size]
+            pos = end + 4 + size
+        rest = out
+    return int(status_line.split()[1]), found, rest

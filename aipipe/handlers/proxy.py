@@ -16,7 +16,8 @@ from tornado.iostream import StreamClosedError
 from ..errors import ApiError
 from ..gateway import Gateway, Outcome
 from ..providers import PROVIDERS
-from ..providers.base import Call, streamed_estimate
+from ..providers.base import NO_BODY_METHODS, Call, streamed_estimate
+from ..request_path import checked_path, checked_query
 from ..sse import EventSplitter, data_length, simple_data_length, split_events
 from ..stream_usage import (
     event_usage,
@@ -52,14 +53,18 @@ class ProviderCall(LeanCall):
     async def call(self, name: str, path: str) -> None:
         """Authenticate, price, admit, forward, relay and settle one call."""
         self.started = time.perf_counter()
-        self.provider = provider = PROVIDERS.get(name)
+        gw, req = self.gw, self.request
+        # the path as the client wrote it, not as the route decoded it: that text is priced and sent upstream
+        route, _, rest = req.path[1:].partition("/")
+        self.provider = provider = PROVIDERS.get(route)
         if provider is None:
             raise ApiError(404, f"Unknown provider: {name}")
         # the route (/geminiv1beta) may differ from the provider's config, key and ledger name (gemini)
         self.provider_name = provider.name
-        gw, req = self.gw, self.request
         identity = gw.identify(req.headers)
-        call = Call(req.method, "/" + path, req.query, req.headers, req.body)
+        if req.body and req.method in NO_BODY_METHODS:
+            raise ApiError(400, f"A {req.method} request cannot carry a body")
+        call = Call(req.method, checked_path("/" + rest), checked_query(req.query), req.headers, req.body)
         await provider.prepare(call, gw)
         key = identity.native_key or gw.provider_key(self.provider_name)
         native = identity.is_native
@@ -95,7 +100,7 @@ class ProviderCall(LeanCall):
         self._sent_at = time.perf_counter()
         error = await self.gw.upstream.exchange(
             call.method, url, self.provider.forward_headers(call, key),
-            call.body if call.method in ("POST", "PUT", "PATCH") or call.body else None,
+            call.body if call.method not in NO_BODY_METHODS else None,
             connect_timeout=min(30.0, timeout), timeout=timeout,
             on_start=self._on_response_start, on_chunk=self._on_chunk)
         if error is not None and not self._mode:

@@ -1,13 +1,18 @@
 """OpenAI: /openai/* -> {base_url}/*, priced from the shipped table."""
 from __future__ import annotations
 
+import re
+
 import orjson
 
 from ..errors import ApiError
 from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price, set_hold
 
-# POSTs that cost nothing and name no model.
-FREE_PATHS = ("/v1/files", "/v1/uploads", "/v1/moderations")
+# POSTs that cost nothing and name no model, matched whole against the path as sent (aipipe/request_path.py
+# keeps that path plain): any other POST is priced, so an unexpected spelling costs money, never the reverse.
+FREE_POST = re.compile(
+    r"/v1/(?:files(?:/[^/]+)?|uploads(?:/[^/]+/(?:parts|complete|cancel))?|moderations"
+    r"|(?:batches|responses|fine_tuning/jobs|vector_stores/[^/]+/file_batches)/[^/]+/cancel)")
 
 
 class OpenAI(Provider):
@@ -17,14 +22,15 @@ class OpenAI(Provider):
 
     async def prepare(self, call: Call, gateway) -> None:
         """Require a priced model on every paid call; ask chat streams to report usage."""
-        if call.method in NO_BODY_METHODS or call.path.startswith(FREE_PATHS) or call.path.endswith("/cancel"):
+        if call.method in NO_BODY_METHODS or FREE_POST.fullmatch(call.path) is not None:
             return
         model = call.body_model()
         if not model:
             raise ApiError(400, MISSING_MODEL)
         price = require_price(call, gateway.prices.lookup("openai", model), model)
         data = call.data if isinstance(call.data, dict) else {}
-        set_hold(call, price, gateway.default_hold, fixed=self._fixed_cost(call, data))
+        set_hold(call, price, gateway.default_hold, self._fixed_cost(call, data),
+                 gateway.config.get("limits.default_max_output_tokens"))
         if data.get("stream") is True and call.path.endswith("/chat/completions"):
             options = data.get("stream_options") if isinstance(data.get("stream_options"), dict) else {}
             if not options.get("include_usage"):
