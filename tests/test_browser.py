@@ -11,7 +11,7 @@ from urllib.parse import quote
 import jwt
 import pytest
 
-from .browser_support import LiveServers, gis_stub
+from .browser_support import HOSTILE_SCRIPT, LiveServers, gis_stub
 from .conftest import SECRET, token
 from .fake_google import credential
 from .fake_upstream import REPLY
@@ -280,3 +280,23 @@ def test_errors_read_as_sentences(live, open_page):
     finally:
         live.fake.status = 200
     expect(page.locator("#alert")).to_contain_text("The server had an error while processing your request")
+
+
+def test_page_fetched_through_proxy_cannot_read_the_token_on_our_origin(live, open_page):
+    page = open_page()
+    tok = token("victim@example.com")
+    signed_in(page, live, "victim@example.com", tok)
+    # The same script, run on a page of the gateway's origin, reads the token and reports it
+    page.evaluate(HOSTILE_SCRIPT.replace("REPORT", live.app_url("127.0.0.1", "/report")))
+    wait_for(page, lambda: live.reports)
+    assert tok in live.reports.pop()
+
+    for kind, shown_as in (("html", "text/html"), ("plain", "text/plain"), ("untyped", "text/plain")):
+        # an inline script's image holds back the load event that goto waits for, so a report would be in by now
+        page.goto(live.url + "/proxy/" + live.app_url("127.0.0.1", f"/hostile/{kind}"))
+        assert page.evaluate("document.contentType") == shown_as  # nosniff: text is never read as HTML
+        assert page.evaluate("document.querySelectorAll('h1').length") == (1 if kind == "html" else 0)
+        assert not page.title().startswith("read:"), kind
+        assert live.reports == [], kind
+    page.goto(live.url + "/static/app.css")
+    assert tok in page.evaluate("localStorage.getItem('aipipe')")  # nothing the proxied pages sent cleared it

@@ -21,6 +21,15 @@ from .conftest import token
 from .helpers import message
 
 
+HOSTILE_PAGE = b"<!doctype html><script>document.title = localStorage.getItem('aipipe')</script>"
+HOSTILE_HEADERS = {
+    "Content-Type": "text/html", "Content-Security-Policy": "default-src * 'unsafe-inline'",
+    "X-Content-Type-Options": "sniff", "Clear-Site-Data": '"*"', "Strict-Transport-Security": "max-age=63072000",
+    "Alt-Svc": 'h3=":443"', "NEL": '{"report_to": "t", "max_age": 86400}', "Report-To": '{"group": "t"}',
+    "Refresh": "0; url=https://evil.example/", "Service-Worker-Allowed": "/", "X-Target": "kept",
+}
+
+
 class TargetHandler(tornado.web.RequestHandler):
     """An ordinary web server on loopback playing the public site the caller wants."""
 
@@ -62,6 +71,13 @@ class TargetHandler(tornado.web.RequestHandler):
         elif what == "missing":
             self.set_status(404)
             self.finish("no such page")
+        elif what == "hostile":  # a page that would loosen the policy of the origin serving it
+            for name, value in HOSTILE_HEADERS.items():
+                self.set_header(name, value)
+            self.finish(HOSTILE_PAGE)
+        elif what == "untyped":
+            self.clear_header("Content-Type")
+            self.finish(HOSTILE_PAGE)
 
     get = head = post = put = patch = delete = any
 
@@ -163,6 +179,61 @@ async def test_target_cookies_and_cors_policy_are_not_relayed(call, target):
     assert r.code == 200 and r.body == b"cookie jar" and r.headers["X-Target"] == "yes"
     assert "Set-Cookie" not in r.headers
     assert r.headers.get_list("Access-Control-Allow-Origin") == ["*"]
+
+
+def assert_sandboxed(r) -> None:
+    """The answer can run no script on our origin, and is never sniffed into a type it does not declare."""
+    assert r.headers.get_list("Content-Security-Policy") == ["sandbox; default-src 'none'; base-uri 'none'; form-action 'none'"]
+    assert r.headers.get_list("X-Content-Type-Options") == ["nosniff"]
+
+
+@pytest.mark.gen_test
+async def test_proxied_page_is_sandboxed_and_cannot_loosen_our_origin_policy(call, target):
+    r = await call(f"/proxy/{target.url}/hostile")
+    assert r.code == 200 and r.body == HOSTILE_PAGE and r.headers["Content-Type"] == "text/html"
+    assert_sandboxed(r)
+    for name in HOSTILE_HEADERS.keys() - {"Content-Type", "X-Target", "Content-Security-Policy", "X-Content-Type-Options"}:
+        assert name not in r.headers, name
+    assert r.headers["X-Target"] == "kept"
+
+
+@pytest.mark.gen_test
+async def test_untyped_answer_is_not_labelled_html(call, target):
+    r = await call(f"/proxy/{target.url}/untyped")
+    assert r.code == 200 and r.body == HOSTILE_PAGE
+    assert "Content-Type" not in r.headers
+    assert_sandboxed(r)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["ftp://example.com/", "http://127.0.0.1:99999999/", "http%3A%2F%2Fa%2F%0d%0aX%3A1"])
+async def test_error_answers_are_sandboxed_too(call, path):
+    r = await call("/proxy/" + path)
+    assert r.code == 400 and r.headers["Content-Type"] == "application/json"
+    assert_sandboxed(r)
+
+
+@pytest.mark.gen_test
+async def test_blocked_target_answer_is_sandboxed(call, guarded):
+    r = await call(f"{guarded}/proxy/http://127.0.0.1/")
+    assert r.code == 403
+    assert_sandboxed(r)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("encoded", ["%0d%0aX-Evil%3A%201", "%0aX", "%0d", "%20HTTP/1.0", "%09", "%00", "%7f"])
+async def test_decoded_control_characters_and_spaces_are_400(call, target, encoded):
+    r = await call(f"/proxy/http%3A%2F%2F127.0.0.1%3A{target.port}%2Fecho{encoded}")
+    assert r.code == 400 and message(r) == "URL must not contain spaces or control characters"
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert target.seen == []
+
+
+@pytest.mark.gen_test
+async def test_decoded_non_ascii_is_sent_percent_encoded(call, target):
+    r = await call(f"/proxy/http%3A%2F%2F127.0.0.1%3A{target.port}%2Fecho%3Fq%3D%E2%9C%93")
+    assert r.code == 200 and target.seen[-1]["query"] == "q=%E2%9C%93"
+    assert r.headers["X-Proxy-URL"] == f"http://127.0.0.1:{target.port}/echo?q=%E2%9C%93"
 
 
 @pytest.mark.gen_test

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from typing import NoReturn
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote_from_bytes, unquote_to_bytes, urljoin, urlsplit
 
 from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders, HTTPInputError
@@ -25,8 +25,21 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 # The caller's AI Pipe token, cookies and Gemini key are for AI Pipe, never for the target.
 DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", "authorization", "cookie", "x-goog-api-key"}
-# The target must not set cookies on AI Pipe's origin nor decide AI Pipe's CORS policy.
-DROP_RESPONSE = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
+# The answer is served from AI Pipe's origin, so the target must not set what applies to that origin: cookies,
+# site data, transport and reporting policy, or a CSP of its own in place of ours (CORS is dropped separately).
+ORIGIN_WIDE = frozenset({
+    "set-cookie", "set-cookie2", "clear-site-data", "content-security-policy", "content-security-policy-report-only",
+    "x-content-type-options", "strict-transport-security", "alt-svc", "nel", "report-to", "reporting-endpoints",
+    "service-worker-allowed", "refresh", "accept-ch", "critical-ch", "origin-agent-cluster", "permissions-policy",
+    "feature-policy", "document-policy", "speculation-rules", "origin-trial", "cross-origin-opener-policy",
+    "cross-origin-embedder-policy", "x-frame-options", "x-xss-protection", "public-key-pins", "expect-ct"})
+DROP_RESPONSE = HOP_BY_HOP | ORIGIN_WIDE | {"content-length"}
+# Whatever the target sends runs as an opaque origin with nothing allowed, so its script can never read AI Pipe's
+# localStorage (where /login keeps the token). A CSP on a fetched answer does not bind the page that fetched it,
+# so fetch() callers still read the body.
+SANDBOX_HEADERS = (("Content-Security-Policy", "sandbox; default-src 'none'; base-uri 'none'; form-action 'none'"),
+                   ("X-Content-Type-Options", "nosniff"))
+URL_CHARACTERS = bytes(range(0x21, 0x7F)).decode()  # printable ASCII: left as it is in the target URL
 
 
 class TooLarge(Exception):
@@ -38,11 +51,15 @@ class StopReading(HTTPInputError):
 
 
 def target_of(uri: str) -> str:
-    """Everything after /proxy/ (query string included), also when the caller percent-encoded it."""
+    """Everything after /proxy/ (query string included), also when the caller percent-encoded it, as ASCII."""
     raw = uri.split("/proxy/", 1)[1]
-    for candidate in (raw, unquote(raw)):
-        if candidate[:8].lower().startswith(("http://", "https://")):
-            return candidate
+    # Tornado decodes the request line as Latin-1, so encoding it back gives the bytes the caller sent
+    for candidate in (raw.encode("latin-1"), unquote_to_bytes(raw)):
+        if candidate[:8].lower().startswith((b"http://", b"https://")):
+            # a decoded CR, LF or space would end the request line or a header sent on to the target
+            if any(byte <= 0x20 or byte == 0x7F for byte in candidate):
+                raise ApiError(400, "URL must not contain spaces or control characters")
+            return quote_from_bytes(candidate, safe=URL_CHARACTERS)  # non-ASCII bytes as %XX
     raise ApiError(400, "URL must begin with http")
 
 
@@ -87,6 +104,11 @@ class FetchProxyHandler(ApiHandler):
     def initialize(self, gateway, client: ProxyClient) -> None:
         super().initialize(gateway)
         self.client = client
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()  # also what an error answer starts from (send_error clears the rest)
+        for name, value in SANDBOX_HEADERS:
+            self.set_header(name, value)
 
     def prepare(self) -> None:
         if not self.gw.config.get("proxy.enabled"):
@@ -159,6 +181,8 @@ class FetchProxyHandler(ApiHandler):
         if length.isdigit() and int(length) > self.max_bytes and self.request.method != "HEAD":
             self._stop(TooLarge())
         self.set_status(code)
+        if "Content-Type" not in headers:
+            self.clear_header("Content-Type")  # not Tornado's default text/html: an untyped answer stays untyped
         copy_upstream_headers(self, headers, DROP_RESPONSE)
 
     async def _on_chunk(self, chunk: bytes) -> None:
