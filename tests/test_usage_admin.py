@@ -160,3 +160,45 @@ async def test_admin_cost_needs_post_and_unknown_actions_are_404(call, gateway, 
     assert r.code == 400 and message(r) == "Request body is not valid JSON"
     r = await call("/admin/frobnicate", token=ADMIN)
     assert r.code == 404 and message(r) == "Unknown admin action"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("cost", [1.7e308, 1e6 + 0.01, 1e300])
+async def test_admin_cost_above_a_million_usd_is_400(call, gateway, upstream, cost):
+    r = await call("/admin/cost", "POST", token=ADMIN, json={"email": "big@example.com", "date": TODAY.isoformat(), "cost": cost})
+    assert r.code == 400 and message(r) == "cost must be at most 1,000,000 USD"
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert await gateway.store.daily_usage("big@example.com", TODAY) == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("raw", [b"1e400", b"-1e400", b"NaN", b"Infinity", b"true", b"null", b"[1]", b'"1"'])
+async def test_admin_cost_that_is_not_a_finite_number_is_400(call, gateway, upstream, raw):
+    body = b'{"email": "big@example.com", "date": "' + TODAY.isoformat().encode() + b'", "cost": ' + raw + b"}"
+    r = await call("/admin/cost", "POST", token=ADMIN, body=body, headers={"Content-Type": "application/json"})
+    assert r.code == 400 and orjson.loads(r.body)["message"] in ("cost must be a number of USD", "Request body is not valid JSON")
+
+
+@pytest.mark.gen_test
+async def test_admin_cost_of_a_million_twice_sums_in_usage(call, gateway, upstream):
+    for n in (0, 1):
+        r = await call("/admin/cost", "POST", token=ADMIN, json={"email": "big@example.com", "date": day(n), "cost": 1e6})
+        assert r.code == 200
+    body = orjson.loads((await call("/usage", token=token("big@example.com"))).body)
+    assert body["spent"] == body["cost"] == 2e6 and body["remaining"] == 0
+
+
+@pytest.mark.gen_test
+async def test_usage_never_sums_to_inf_or_null_even_from_huge_stored_costs(call, gateway, upstream, store_kind):
+    for n in (0, 1, 2):  # what the store may hold from before costs were bounded
+        await gateway.store.set_cost("huge@example.com", TODAY - timedelta(days=n), 1.7e308, time.time())
+    r = await call("/usage?by=model", token=token("huge@example.com"))
+    assert r.code == 200
+    body = orjson.loads(r.body)
+    for value in (body["spent"], body["cost"], body["held"], body["remaining"], *(u["cost"] for u in body["usage"])):
+        assert isinstance(value, float) and value == value and value != float("inf")
+    assert body["spent"] >= 1.7e308 and body["remaining"] == 0
+    r = await call("/admin/usage?email=huge@example.com", token=ADMIN)
+    assert r.code == 200 and all(isinstance(row["cost"], float) for row in orjson.loads(r.body)["data"])
+    r = await call("/openai/v1/chat/completions", "POST", json=chat(), token=token("huge@example.com"))
+    assert r.code == 429  # still over budget

@@ -9,9 +9,12 @@ from ..auth import mint_token
 from ..errors import ApiError
 from ..storage import StoreUnavailable
 from .base import ApiHandler
-from .usage import int_arg
+from .usage import int_arg, usd
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+# The most one day's cost may be set to: far above any real day, and small enough that a year of such days
+# still sums to a finite number (two days of 1.7e308 made /usage report `spent: null`).
+MAX_COST = 1e6
 
 
 def parse_date(value, name: str) -> date:
@@ -72,7 +75,7 @@ class AdminHandler(ApiHandler):
             since=parse_date(since, "from") if since else None,
             until=parse_date(until, "to") if until else None,
             limit=int_arg(self, "limit", 1000, 1, 10000), offset=int_arg(self, "offset", 0, 0, 10**9))
-        self.send_json({"data": rows})
+        self.send_json({"data": [{**row, "cost": usd(row["cost"])} for row in rows]})
 
     def _token(self) -> None:
         email = parse_email(self.get_query_argument("email", None) or self.admin_email)
@@ -90,5 +93,7 @@ class AdminHandler(ApiHandler):
             raise ApiError(400, "cost must be a number of USD")
         if cost < 0:
             raise ApiError(400, "cost must not be negative")
+        if cost > MAX_COST:
+            raise ApiError(400, f"cost must be at most {MAX_COST:,.0f} USD")
         await self.gw.set_cost(email, day, float(cost))
         self.send_json({"message": f"Cost for {email} on {day.isoformat()} set to {cost}"})

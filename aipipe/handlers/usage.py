@@ -1,6 +1,8 @@
 """GET /usage: the caller's spend per day over their budget window (or ?days=N)."""
 from __future__ import annotations
 
+import math
+import sys
 from datetime import timedelta
 
 from ..budget import resets_at, today_utc, window_days, window_start
@@ -21,6 +23,20 @@ def int_arg(handler: ApiHandler, name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise ApiError(400, f"{name} must be a whole number from {low} to {high}")
     return value
+
+
+def usd(value: float) -> float:
+    """A cost as JSON can carry it: orjson writes inf and NaN as null. Anything past the largest float reads as
+    the largest float, so it stays above every limit (a NaN, in the store since before costs were checked, too)."""
+    return value if math.isfinite(value) else sys.float_info.max
+
+
+def usd_sum(values) -> float:
+    """The sum of costs, never inf or NaN however large they are."""
+    total = 0.0
+    for value in values:
+        total = usd(total + usd(value))
+    return total
 
 
 class UsageHandler(ApiHandler):
@@ -47,15 +63,15 @@ class UsageHandler(ApiHandler):
             models = await self.gw.store.usage_by_model(email, shown) if self.get_query_argument("by", "") == "model" else None
         except StoreUnavailable:
             raise ApiError(503, "Usage store unavailable, try again shortly") from None
-        usage = [{"date": d.isoformat(), "cost": rows.get(d.isoformat(), 0.0)}
+        usage = [{"date": d.isoformat(), "cost": usd(rows.get(d.isoformat(), 0.0))}
                  for d in (shown + timedelta(days=i) for i in range(days))]
-        spent = sum(c for d, c in rows.items() if d >= start.isoformat())
+        spent, holds = usd_sum(c for d, c in rows.items() if d >= start.isoformat()), usd(holds)
         body = {
-            "email": email, "days": days, "cost": sum(u["cost"] for u in usage), "usage": usage,
+            "email": email, "days": days, "cost": usd_sum(u["cost"] for u in usage), "usage": usage,
             "limit": budget.limit, "spent": spent, "held": holds, "remaining": max(0.0, budget.limit - spent - holds),
             "window": {"days": budget.days if not budget.period else window_days(budget, today),
                        "period": budget.period, "start": start.isoformat(), "resets": resets_at(budget, today)},
         }
         if models is not None:
-            body["models"] = models
+            body["models"] = [{**m, "cost": usd(m["cost"])} for m in models]
         self.send_json(body)
