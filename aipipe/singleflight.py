@@ -12,6 +12,11 @@ class SingleFlight:
         self._fetch = fetch
         self._inflight: asyncio.Future | None = None
 
+    @property
+    def running(self) -> bool:
+        """Whether a fetch is in flight now."""
+        return self._inflight is not None and not self._inflight.done()
+
     async def run(self) -> None:
         """Start the fetch unless one is running, and wait for it (a caller's cancellation leaves it running)."""
         if self._inflight is None:

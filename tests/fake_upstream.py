@@ -45,6 +45,7 @@ class FakeState:
     openrouter_cost: float | None = 0.000123
     events: int = 5  # content chunks per stream
     omit_usage: bool = False
+    models_delay: float = 0.0  # seconds OpenRouter's model list takes to answer
     requests: list = field(default_factory=list)
     models_fetches: int = 0
 
@@ -214,10 +215,12 @@ class TranscriptionHandler(FakeHandler):
 
 
 class ModelsHandler(FakeHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         if self.provider == "openrouter":
             self.state.models_fetches += 1
+            if self.state.models_delay:
+                await asyncio.sleep(self.state.models_delay)
             self.finish(orjson.dumps({"data": OPENROUTER_MODELS}))
         else:
             self.finish(orjson.dumps({"object": "list", "data": [

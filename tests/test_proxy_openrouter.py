@@ -88,3 +88,22 @@ async def test_client_that_leaves_mid_stream_is_still_billed(gateway, upstream, 
     rows = await gateway.store.ledger("quit@example.com")
     assert len(rows) == 1 and rows[0]["aborted"] and rows[0]["streamed"]
     assert rows[0]["cost"] == pytest.approx(12 * 0.15e-6 + 7 * 0.6e-6, abs=1e-12)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_calls_arriving_while_the_price_list_loads_wait_for_it(call, gateway, upstream):
+    upstream.state.models_delay = 0.5
+    first = asyncio.ensure_future(call("/openrouter/v1/chat/completions", "POST", json=chat("openai/gpt-4o-mini"),
+                                      token=token("eager@example.com")))
+    for _ in range(200):  # until the list's fetch has started (and set its fetched_at)
+        if upstream.state.models_fetches:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.state.models_fetches == 1 and not first.done()
+    models = ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4", "openai/gpt-4o-mini:nitro"] * 6 + ["nobody/x"]
+    rest = [call("/openrouter/v1/chat/completions", "POST", json=chat(m), token=token(f"eager{i}@example.com"))
+            for i, m in enumerate(models)]  # a user each: the per-user concurrency limit is not what is tested
+    answers = await asyncio.gather(first, *rest)
+    assert [r.code for r in answers] == [200] * 19 + [400]
+    assert message(answers[-1]) == "Model nobody/x pricing unknown"
+    assert upstream.state.models_fetches == 1

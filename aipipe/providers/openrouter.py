@@ -43,9 +43,11 @@ class ModelCatalog:
         self._refresh = SingleFlight(self._fetch)  # one fetch serves every caller waiting on it
 
     async def price(self, model: str) -> Price | None:
-        """The model's price, fetching the list when it is stale or (rate-limited) when the model is new."""
+        """The model's price, fetching the list when it is stale or (rate-limited) when the model is new; a caller
+        whose model is not listed yet waits for a fetch in flight (which set fetched_at when it started)."""
         age = time.monotonic() - self.fetched_at
-        if age > self.ttl or (model not in self.prices and age > self.refetch):
+        unknown = model not in self.prices
+        if age > self.ttl or (unknown and (age > self.refetch or self._refresh.running)):
             await self._refresh.run()
         return self.prices.get(model)
 
