@@ -13,7 +13,7 @@ import orjson
 import tornado.web
 from tornado.httputil import parse_body_arguments
 
-from .fake_gemini import gemini_routes
+from .fake_gemini import GeminiHandler, gemini_routes
 
 OPERATOR_KEYS = {"openai": "sk-test-openai-operator", "openrouter": "sk-or-test-operator"}
 REPLY = "Hello from the fake — ünïcödé ✓ 你好"  # multi-byte characters on purpose
@@ -46,6 +46,8 @@ class FakeState:
     events: int = 5  # content chunks per stream
     omit_usage: bool = False
     models_delay: float = 0.0  # seconds OpenRouter's model list takes to answer
+    script: list[bytes] | None = None  # a stream answer sent as given, one flushed write per piece (play_script)
+    script_type: str = "text/event-stream"
     requests: list = field(default_factory=list)
     models_fetches: int = 0
 
@@ -68,6 +70,9 @@ class FakeHandler(tornado.web.RequestHandler):
         })
         if self.state.delay:
             await asyncio.sleep(self.state.delay)
+        if self.state.script is not None and self.request.method == "POST" and b'"stream":true' in self.request.body \
+                and self.check_key():
+            await play_script(self, self.state)
 
     def check_key(self) -> bool:
         auth = self.request.headers.get("Authorization", "")
@@ -107,6 +112,25 @@ class FakeHandler(tornado.web.RequestHandler):
             if self.state.event_delay and i < len(events) - 1:
                 await asyncio.sleep(self.state.event_delay)
         self.finish()
+
+
+async def play_script(handler: tornado.web.RequestHandler, state: FakeState) -> None:
+    """Answer with state.script, one flushed write per piece (a test chooses the bytes and where reads split)."""
+    handler.set_header("Content-Type", state.script_type)
+    for piece in state.script:
+        handler.write(piece)
+        await handler.flush()
+        await asyncio.sleep(0.001)
+    handler.finish()
+
+
+class ScriptedGemini(GeminiHandler):
+    """Gemini, playing state.script instead of its own stream when a test set one."""
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.state.script is not None and self.request.path.endswith(":streamGenerateContent") and not self.refuse():
+            await play_script(self, self.state)
 
 
 def sse(obj) -> bytes:
@@ -240,7 +264,8 @@ class EchoHandler(FakeHandler):
 
 def make_fake_app(state: FakeState) -> tornado.web.Application:
     """Routes for /v1/... of OpenAI and /api/v1/... of OpenRouter."""
-    routes = gemini_routes(state)  # /v1beta/...; the OpenAI catch-all /.* must stay last
+    routes = [(pattern, ScriptedGemini if handler is GeminiHandler else handler, deps)
+              for pattern, handler, deps in gemini_routes(state)]  # /v1beta/...; the OpenAI catch-all /.* must stay last
     for provider, prefix in (("openrouter", "/api"), ("openai", "")):  # longer prefix first
         deps = {"state": state, "provider": provider}
         routes += [
