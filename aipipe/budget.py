@@ -61,7 +61,14 @@ def usd(amount: float) -> str:
     return text if text not in ("0", "-0") else f"{amount:.2e}"
 
 
-def over_budget_message(spent: float, budget: Budget) -> str:
-    """The 429 text apps match on: `Usage $X / $Y in N days` (or `this month` etc. for periods)."""
+def over_budget_message(spent: float, budget: Budget, hold: float = 0.0) -> str:
+    """The 429 text apps match on: `Usage $X / $Y in N days` (or `this month` etc. for periods).
+
+    `spent` counts the holds of calls in flight. When there is budget left but not the most this call
+    could cost (`hold`), the message says so, and how to ask for less.
+    """
     span = f"this {budget.period}" if budget.period else f"in {budget.days} days"
-    return f"Usage ${usd(spent)} / ${usd(budget.limit)} {span}"
+    message = f"Usage ${usd(spent)} / ${usd(budget.limit)} {span}"
+    if spent < budget.limit and hold > 0:
+        message += f"; this call could cost up to ${usd(hold)}: set max_tokens lower"
+    return message

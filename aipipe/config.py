@@ -44,7 +44,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth.google_client_id", "", "Google OAuth client id for /login"),
     Setting("auth.google_certs_url", "https://www.googleapis.com/oauth2/v1/certs", "Where Google's signing certificates are fetched"),
     Setting("auth.redirect_origins", [], "Origins /login may hand tokens to without asking, e.g. http://localhost:*"),
-    Setting("limits.default_hold_usd", 0.01, "Budget held for a request that states no max_tokens"),
+    Setting("limits.default_hold_usd", 0.01, "Extra budget held for a priced call whose input the request cannot bound "
+                                             "(an uploaded audio file, audio priced by the minute)"),
+    Setting("limits.default_max_output_tokens", 32768, "Output tokens held for a call naming no max_tokens on a model "
+                                                       "whose maximum output is not known (32768: gpt-4.1's maximum)"),
     Setting("limits.hold_seconds", 600.0, "Holds left behind by a crash expire after this long"),
     Setting("limits.max_concurrent_per_user", 8, "Requests one user may have in flight (0 = no cap)"),
     Setting("limits.rpm_per_user", 0, "Requests per minute per user (0 = no limit)"),

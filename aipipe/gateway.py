@@ -185,7 +185,7 @@ class Gateway:
         if admission.refused is None:
             return admission
         if admission.refused == "budget":
-            raise ApiError(429, over_budget_message(admission.spent + admission.held, budget))
+            raise ApiError(429, over_budget_message(admission.spent + admission.held, budget, request.amount))
         if admission.refused == "concurrency":
             raise ApiError(429, f"Too many requests in flight (at most {request.max_inflight} at once)",
                            {"Retry-After": str(admission.retry_after)})

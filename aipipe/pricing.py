@@ -25,6 +25,7 @@ class Price:
     per_million_chars: float = 0.0  # USD per million characters of text to speech
     per_image: float = 0.0
     per_request: float = 0.0
+    max_output: int = 0  # the most output tokens one answer (one choice) may have; 0 = not known
 
 
 _PRICE_FIELDS = {f.name for f in fields(Price)}
@@ -32,7 +33,8 @@ _PRICE_FIELDS = {f.name for f in fields(Price)}
 
 def price_from_dict(d: dict) -> Price:
     """A Price from a pricing.json entry; unknown keys are ignored."""
-    return Price(**{k: float(v) for k, v in d.items() if k in _PRICE_FIELDS and v is not None})
+    return Price(**{k: int(v) if k == "max_output" else float(v)
+                    for k, v in d.items() if k in _PRICE_FIELDS and v is not None})
 
 
 def cost_of(price: Price, usage: Usage) -> float:
@@ -60,6 +62,11 @@ def cost_of(price: Price, usage: Usage) -> float:
 def tokens_cost(price: Price, input_tokens: int, output_tokens: int) -> float:
     """USD for text tokens only: cost_of with no cached, audio or image tokens."""
     return (input_tokens * price.input + output_tokens * price.output) / 1e6 + price.per_request
+
+
+def output_price(price: Price) -> float:
+    """USD per million output tokens at the dearest output rate (audio output may cost more than text)."""
+    return price.output if price.audio_output is None else max(price.output, price.audio_output)
 
 
 def _or(value: float | None, fallback: float) -> float:

@@ -11,7 +11,7 @@ class StoreUnavailable(RuntimeError):
 
 @dataclass(slots=True)
 class HoldRequest:
-    """Ask to admit one request for `email` and hold `amount` USD of budget while it runs."""
+    """Ask to admit one request for `email` and hold `amount` USD (the most it can cost) while it runs."""
 
     email: str
     amount: float
@@ -136,7 +136,8 @@ def decide_batch(
 ) -> tuple[list[Admission], list[tuple]]:
     """Admit requests in order against each user's state; returns admissions and hold rows to insert.
 
-    Each admitted request's hold counts against the ones after it in the same batch (see decide).
+    Each admitted request's hold counts against the ones after it in the same batch (see decide), so a
+    batch admits no more than fits the limit together.
     """
     admissions, rows = [], []
     for req in requests:
@@ -150,9 +151,11 @@ def decide_batch(
 def decide(req: HoldRequest, st: UserState, now: float, new_id) -> tuple[Admission, tuple | None]:
     """Admit one request against its user's state: the admission, and the hold row to insert (None if refused).
 
-    A request is admitted when settled spend + open holds < limit, the user has fewer than
-    max_inflight requests open and fewer than rpm requests in the last minute. An admitted request's
-    hold is added to st.
+    A request is admitted when settled spend + open holds + its own hold <= limit (and spend + holds <
+    limit, so a user with nothing left is refused even a call that costs nothing), the user has fewer
+    than max_inflight requests open and fewer than rpm requests in the last minute. A hold being the
+    most its call can cost (providers.base.set_hold), spend then stays within the limit when the calls
+    in flight settle. An admitted request's hold is added to st.
     """
     since = req.since.isoformat()
     spent = sum(cost for day, cost in st.daily if day >= since)  # sum(), as /usage adds (compensated from 3.12)
@@ -162,7 +165,8 @@ def decide(req: HoldRequest, st: UserState, now: float, new_id) -> tuple[Admissi
     if req.rpm and len(recent) >= req.rpm:
         wait = recent[len(recent) - req.rpm] + RATE_WINDOW - now
         return Admission(None, spent, st.held, "rate", max(1, int(wait + 0.999))), None
-    if spent + st.held >= req.limit:
+    committed = spent + st.held
+    if committed >= req.limit or committed + req.amount > req.limit:
         return Admission(None, spent, st.held, "budget"), None
     hold_id = new_id()
     admission = Admission(hold_id, spent, st.held)

@@ -1,5 +1,5 @@
-"""Budget integrity under concurrency: bursts never overspend by more than one call, on SQLite and
-Postgres in one process, and with two real server processes sharing one Postgres database.
+"""Budget integrity under concurrency: bursts never overspend the limit, on SQLite and Postgres in one
+process, and with two real server processes sharing one Postgres database.
 
 Also across two instances: the in-flight cap and requests-per-minute limit hold (429 + Retry-After),
 and POST /admin/cost on one instance takes effect at once on the other.
@@ -68,28 +68,27 @@ def message(response) -> str:
 
 
 async def check_burst(store, responses, email: str, limit: float, spent_before: float) -> dict:
-    """The measurement: total charged <= limit + one call, and every 200 has exactly one ledger row."""
+    """The measurement: total charged <= limit, and every 200 has exactly one ledger row."""
     ok = [r for r in responses if r.code == 200]
     refused = [r for r in responses if r.code == 429]
     assert len(ok) + len(refused) == len(responses), sorted({r.code for r in responses})
     for r in refused:
-        assert message(r).startswith("Usage $") and message(r).endswith(" in 1 days"), message(r)
+        assert message(r).startswith("Usage $") and " in 1 days" in message(r), message(r)
     rows = [r for r in await store.ledger(email, limit=10_000) if r["kind"] == "request"]
     assert len(rows) == len(ok)  # every successful response was charged, once
     assert sum(r["cost"] for r in rows) == pytest.approx(sum(float(r.headers["X-AIPipe-Cost"]) for r in ok))
-    one_call = max(r["cost"] for r in rows)
     total = await store.spend(email, today_utc())
     assert total == pytest.approx(spent_before + sum(r["cost"] for r in rows))
-    assert total <= limit + one_call + 1e-12
+    assert total <= limit + 1e-9
     assert 1 <= len(ok) < len(responses)
-    return {"ok": len(ok), "refused": len(refused), "total": total, "one_call": one_call}
+    return {"ok": len(ok), "refused": len(refused), "total": total}
 
 
 # --- (a) one process, each backend ------------------------------------------------------------------
 
-# remaining budget and request shape: a default hold ($0.01, no max_tokens) lets exactly one call
-# through; holds from max_tokens ($0.00003) let a few through at once
-SHAPES = {"default_hold": (0.0001, {}), "max_tokens": (0.0001, {"max_tokens": 50})}
+# remaining budget and request shape: without max_tokens a gpt-4o-mini call holds its 16,384 output tokens
+# (about $0.0098), so $0.015 lets exactly one through; holds from max_tokens (about $0.00004) let a few through
+SHAPES = {"no_max_tokens": (0.015, {}), "max_tokens": (0.0001, {"max_tokens": 50})}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -104,7 +103,7 @@ async def test_burst_in_one_process_never_overspends(store_kind, make_gateway, s
     responses = await client.burst([base], USER, **body)
     await settled(gw)
     got = await check_burst(gw.store, responses, USER, limit, limit - remaining)
-    if shape == "default_hold":
+    if shape == "no_max_tokens":
         assert got["ok"] == 1
     else:
         assert got["ok"] >= 2  # tight holds admit several, and still no overspend
@@ -237,7 +236,7 @@ async def test_burst_across_two_instances_never_overspends(instances, pg_store, 
     ok = sum(r.code == 200 for r in responses)
     await wait_written(pg_store, USER, ok)
     got = await check_burst(pg_store, responses, USER, limit, limit - remaining)
-    if shape == "default_hold":
+    if shape == "no_max_tokens":
         assert got["ok"] == 1  # one call for both instances together, not one each
     served_by = {r.effective_url.split("/openai/")[0] for r in responses if r.code == 200}
     assert served_by <= set(bases)
@@ -312,13 +311,14 @@ async def test_burst_across_two_servers_sharing_one_sqlite_file_never_overspends
         bases = await inst.start(upstream.url, {"max_concurrent_per_user": 0},
                                  {"*": {"limit": 1.0, "days": 7}, USER: {"limit": 0.05, "days": 1}}, admission="store")
         store = await open_store(url)
-        await store.set_cost(USER, today_utc(), 0.05 - 0.0001, time.time())
+        remaining, body = SHAPES["no_max_tokens"]
+        await store.set_cost(USER, today_utc(), 0.05 - remaining, time.time())
         upstream.state.delay = 0.3
-        responses = await client.burst(bases, USER)
+        responses = await client.burst(bases, USER, **body)
         ok = sum(r.code == 200 for r in responses)
         await wait_written(store, USER, ok)
-        got = await check_burst(store, responses, USER, 0.05, 0.05 - 0.0001)
-        assert got["ok"] == 1  # one default hold's worth for both servers together
+        got = await check_burst(store, responses, USER, 0.05, 0.05 - remaining)
+        assert got["ok"] == 1  # one call's most for both servers together
         await store.close()
     finally:
         await inst.astop()

@@ -38,10 +38,12 @@ def test_books_apply_the_store_rules_to_the_cent():
                                                             (TODAY.isoformat(), 0.97)], [])
     first = books.admit(request(amount=0.02), now)
     assert first.hold_id is not None and first.spent == pytest.approx(0.97) and first.held == 0
-    second = books.admit(request(amount=0.02), now)  # 0.97 spent + 0.02 held < 1.00
+    too_big = books.admit(request(amount=0.02), now)  # 0.97 spent + 0.02 held + 0.02 of its own > 1.00
+    assert too_big.refused == "budget" and too_big.spent + too_big.held == pytest.approx(0.99)
+    second = books.admit(request(amount=0.005), now)  # 0.97 + 0.02 + 0.005 <= 1.00: still fits
     assert second.hold_id is not None and second.held == pytest.approx(0.02)
-    refused = books.admit(request(amount=0.02), now)  # 0.97 + 0.04 >= 1.00
-    assert refused.refused == "budget" and refused.spent + refused.held == pytest.approx(1.01)
+    refused = books.admit(request(amount=0.0051), now)  # 0.97 + 0.025 + 0.0051 > 1.00
+    assert refused.refused == "budget" and refused.spent + refused.held == pytest.approx(0.995)
     books.settle(charge(0.0, hold_id=first.hold_id, kind="release"))
     books.settle(charge(0.015, hold_id=second.hold_id))
     assert books.held("m@example.com", now) == 0

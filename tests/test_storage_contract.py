@@ -63,33 +63,35 @@ def charge(admission=None, email="u@example.com", cost=0.1, day=D0, **kw) -> Cha
 # --- reserve: budget ------------------------------------------------------------------------
 
 @pytest.mark.gen_test
-async def test_reserve_admits_while_spend_plus_holds_below_limit(store):
-    got = await store.reserve([hold(amount=0.4) for _ in range(4)], NOW)
-    assert [a.refused for a in got] == [None, None, None, "budget"]
-    assert [a.held for a in got] == pytest.approx([0.0, 0.4, 0.8, 1.2])
-    assert all(a.hold_id is not None for a in got[:3]) and got[3].hold_id is None
-    assert len({a.hold_id for a in got[:3]}) == 3
-    assert got[3].spent == 0
-    assert await store.open_holds("u@example.com", NOW) == pytest.approx(1.2)
+async def test_reserve_admits_while_spend_plus_holds_and_its_own_hold_fit_the_limit(store):
+    got = await store.reserve([hold(amount=0.25) for _ in range(5)], NOW)
+    assert [a.refused for a in got] == [None, None, None, None, "budget"]  # 4 x 0.25 is exactly the limit
+    assert [a.held for a in got] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert all(a.hold_id is not None for a in got[:4]) and got[4].hold_id is None
+    assert len({a.hold_id for a in got[:4]}) == 4
+    assert got[4].spent == 0
+    assert await store.open_holds("u@example.com", NOW) == pytest.approx(1.0)
 
 
 @pytest.mark.gen_test
 async def test_holds_count_across_separate_reserve_calls_and_users_are_separate(store):
-    for _ in range(4):
+    for _ in range(3):
         await store.reserve([hold(amount=0.3)], NOW)
-    (refused,) = await store.reserve([hold(amount=0.3)], NOW)
-    assert refused.refused == "budget" and refused.held == pytest.approx(1.2)
+    (refused,) = await store.reserve([hold(amount=0.3)], NOW)  # 0.9 held + 0.3 > 1.0
+    assert refused.refused == "budget" and refused.held == pytest.approx(0.9)
     (other,) = await store.reserve([hold(email="v@example.com", amount=0.3)], NOW)
     assert other.refused is None and other.held == 0
 
 
 @pytest.mark.gen_test
-async def test_settled_spend_counts_and_one_call_a_cent_under_the_limit_is_admitted(store):
+async def test_settled_spend_counts_and_a_call_a_cent_under_the_limit_is_admitted_only_if_it_fits(store):
     await store.settle([charge(cost=0.99)])
-    (a,) = await store.reserve([hold(amount=5.0)], NOW)  # a single large call still goes through
+    (big,) = await store.reserve([hold(amount=5.0)], NOW)  # could cost more than the cent left
+    assert big.refused == "budget" and big.spent == pytest.approx(0.99) and big.held == 0
+    (a,) = await store.reserve([hold(amount=0.01)], NOW)
     assert a.refused is None and a.spent == pytest.approx(0.99)
     (b,) = await store.reserve([hold(amount=0.001)], NOW)
-    assert b.refused == "budget" and b.spent == pytest.approx(0.99) and b.held == pytest.approx(5.0)
+    assert b.refused == "budget" and b.spent == pytest.approx(0.99) and b.held == pytest.approx(0.01)
 
 
 @pytest.mark.gen_test

@@ -8,7 +8,7 @@ import orjson
 from tornado.httputil import HTTPHeaders, parse_body_arguments
 
 from ..errors import ApiError
-from ..pricing import Price, cost_of, tokens_cost
+from ..pricing import Price, cost_of, output_price, tokens_cost
 from ..usage import Usage, read_usage
 
 # Request headers a client may send to the provider; everything else (Cookie, Origin, Referer,
@@ -21,6 +21,8 @@ FORWARD_REQUEST_PREFIXES = ("x-stainless-",)
 _FORWARDED: dict[str, bool] = {}  # request header names (as Tornado spells them) seen so far -> forwarded?
 NO_BODY_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")  # the first one set counts
+MAX_CHOICES = 128  # more answers than this per call (n, candidateCount) no provider grants; a bigger n holds this many
+DEFAULT_MAX_OUTPUT = 32768  # limits.default_max_output_tokens' default (see config.SETTINGS)
 MISSING_MODEL = "Pass a JSON body with {model} so we can calculate cost"
 
 
@@ -71,7 +73,7 @@ class Call:
         return ""
 
     def max_output_tokens(self) -> int:
-        """The largest answer the request allows, from max_tokens and its spellings (0 if none)."""
+        """The largest answer (per choice) the request allows, from max_tokens and its spellings (0 if none)."""
         data = self.data
         if not isinstance(data, dict):
             return 0
@@ -82,6 +84,17 @@ class Call:
         cfg = data.get("generationConfig")
         v = cfg.get("maxOutputTokens") if isinstance(cfg, dict) else None
         return v if v.__class__ is int and v > 0 else 0
+
+    def choices(self) -> int:
+        """How many answers the request asks for: `n` (OpenAI style) or Gemini's candidateCount, 1 to MAX_CHOICES."""
+        data = self.data
+        if not isinstance(data, dict):
+            return 1
+        v = data.get("n")
+        if v is None:
+            cfg = data.get("generationConfig")
+            v = cfg.get("candidateCount") if isinstance(cfg, dict) else None
+        return min(v, MAX_CHOICES) if v.__class__ is int and v > 1 else 1
 
 
 def is_forwarded(name: str) -> bool:
@@ -101,27 +114,38 @@ def require_price(call: Call, price: Price | None, model: str) -> Price:
     return price
 
 
-def set_hold(call: Call, price: Price, default_hold: float, fixed: float = 0.0) -> None:
-    """Estimate the call's cost before it runs: prompt bytes / 4 at the input price plus max output.
+def set_hold(call: Call, price: Price, default_hold: float, fixed: float = 0.0,
+             default_max_output: int = DEFAULT_MAX_OUTPUT) -> None:
+    """Hold the most the call can cost, so that admitting it can never let spend pass the limit.
 
-    `fixed` is a cost known from the request alone (characters to speak, images to draw).
+    Input: one token per byte of the body at most (byte-level BPE and SentencePiece with byte
+    fallback never make a token of less than a byte). Output: the request's max_tokens, else the
+    model's maximum, else default_max_output, per choice, at the dearer of the text and audio output
+    prices. `fixed` is a cost known from the request alone (characters to speak, images to draw).
+    Input the body does not carry as text (an uploaded audio file, minutes of audio) cannot be
+    bounded from the request: such calls hold `default_hold` more.
     """
-    ctype = call.headers.get("Content-Type", "").lower()
-    call.input_estimate = len(call.body) // 4 if "json" in ctype else 0
-    max_out = call.max_output_tokens()
-    estimate = tokens_cost(price, call.input_estimate, max_out)
-    if not max_out and (price.output or price.input) and not fixed:
+    text_body = "multipart/" not in call.headers.get("Content-Type", "").lower()  # a form's parts are files
+    body_bytes = len(call.body) if text_body else 0
+    call.input_estimate = body_bytes // 4  # the usual size of a token: what a call without usage is charged
+    asked = call.max_output_tokens()
+    most_out = (asked or price.max_output or default_max_output) * call.choices()
+    call.hold = (body_bytes * price.input + most_out * output_price(price)) / 1e6 + price.per_request + fixed
+    if price.per_minute or (not text_body and (price.input or price.audio_input)):
+        call.hold += default_hold
+    # what an answer without usage is charged: the estimate AI Pipe always charged, never above the hold
+    estimate = tokens_cost(price, call.input_estimate, asked * call.choices()) + fixed
+    if not asked and (price.output or price.input) and not fixed:
         estimate += default_hold
-    call.hold = estimate + fixed
-    call.fallback_cost = call.hold
+    call.fallback_cost = min(estimate, call.hold)
 
 
 def streamed_estimate(call: Call, output_bytes: int) -> float:
-    """Cost guessed from what was streamed, for answers that ended without usage."""
+    """Cost guessed from what was streamed, for answers that ended without usage (at most the call's hold)."""
     if call.price is None:
         return call.fallback_cost
     guess = tokens_cost(call.price, call.input_estimate, output_bytes // 4)
-    return max(guess, call.fallback_cost)
+    return min(max(guess, call.fallback_cost), call.hold)
 
 
 class Provider:

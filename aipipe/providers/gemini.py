@@ -85,7 +85,10 @@ class Gemini(Provider):
             call.extra["embed_tokens"] = tokens
             set_hold(call, price, gateway.default_hold, fixed=cost_of(price, Usage(input_tokens=tokens)))
         else:
-            set_hold(call, price, gateway.default_hold)
+            # a body that may hold more than 200k tokens (one per byte at most) is held at the long-prompt price
+            long_price = call.extra["long_price"] if len(call.body) > LONG_PROMPT else None
+            set_hold(call, long_price or price, gateway.default_hold, 0.0,
+                     gateway.config.get("limits.default_max_output_tokens"))
 
     def answer_usage(self, call: Call, obj) -> Usage | None:
         """Usage of a JSON answer: a JSON-array stream's last usageMetadata (it is cumulative); embeddings estimated."""

@@ -16,8 +16,12 @@ from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price,
 log = logging.getLogger("aipipe.openrouter")
 
 
-def price_from_pricing(pricing: dict) -> Price:
-    """OpenRouter's per-token price strings as a Price in USD per million tokens."""
+def price_from_pricing(pricing: dict, model: dict | None = None) -> Price:
+    """OpenRouter's per-token price strings as a Price in USD per million tokens.
+
+    `model`, the model's whole /api/v1/models entry, gives its maximum output: the top provider's
+    max_completion_tokens, else the context length (no answer is longer than its context).
+    """
     def per_million(key: str) -> float | None:
         try:
             value = float(pricing[key])
@@ -30,7 +34,16 @@ def price_from_pricing(pricing: dict) -> Price:
         raise ValueError("no prompt/completion price")
     request = per_million("request")
     return Price(input=prompt, output=completion, cached_input=per_million("input_cache_read"),
-                 image_input=per_million("image") or None, per_request=(request or 0) / 1e6)
+                 image_input=per_million("image") or None, per_request=(request or 0) / 1e6,
+                 max_output=_max_output(model) if isinstance(model, dict) else 0)
+
+
+def _max_output(model: dict) -> int:
+    top = model.get("top_provider")
+    for v in (top.get("max_completion_tokens") if isinstance(top, dict) else None, model.get("context_length")):
+        if v.__class__ is int and v > 0:
+            return v
+    return 0
 
 
 class ModelCatalog:
@@ -84,7 +97,8 @@ class OpenRouter(Provider):
         price = await catalog.price(model)
         if price is None and ":" in model:  # routing suffixes such as :nitro price like the base model
             price = await catalog.price(model.split(":", 1)[0])
-        set_hold(call, require_price(call, price, model), gateway.default_hold)
+        set_hold(call, require_price(call, price, model), gateway.default_hold, 0.0,
+                 gateway.config.get("limits.default_max_output_tokens"))
 
     def cost(self, call: Call, usage: Usage) -> float:
         """OpenRouter's own usage.cost when it reports one, else tokens at the listed price."""
