@@ -1,6 +1,7 @@
 """Reading token usage out of provider answers, whatever spelling the provider uses."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -73,7 +74,8 @@ def _openai_usage(u: dict, model: str) -> Usage:
     if u.get("type") == "duration":  # Whisper's usage for audio it was sent
         usage.seconds = float(u.get("seconds") or 0)
     cost = u.get("cost")  # OpenRouter's own figure
-    if cost is not None and isinstance(cost, (int, float)) and not isinstance(cost, bool):
+    # a negative, infinite or NaN figure is no figure: the tokens are priced instead (never a credit)
+    if isinstance(cost, (int, float)) and not isinstance(cost, bool) and 0 <= cost < math.inf:
         usage.cost = float(cost)
     return usage
 

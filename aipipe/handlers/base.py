@@ -20,18 +20,21 @@ CORS_HEADERS = (("Access-Control-Allow-Origin", "*"), ("Access-Control-Expose-He
 
 def copy_upstream_headers(target, headers, drop: frozenset[str]) -> None:
     """Relay an upstream answer's headers (Tornado's HTTPHeaders or (name, value) lines) to `target` (a handler),
-    minus `drop` (lower-case names) and the upstream's own CORS headers. The target's set_header refuses a
-    value with a control character in it (ValueError)."""
+    minus `drop` (lower-case names) and the upstream's own CORS headers. A header the target refuses (a control
+    character in its value: ValueError) is left out, so one bad line does not cost the caller the answer."""
     seen = set()
     for name, value in headers.get_all() if hasattr(headers, "get_all") else headers:
         lower = name.lower()
         if lower in drop or lower.startswith("access-control-"):
             continue
-        if lower in seen:
-            target.add_header(name, value)
-        else:
-            seen.add(lower)
-            target.set_header(name, value)  # replaces the defaults (Content-Type, Date)
+        try:
+            if lower in seen:
+                target.add_header(name, value)
+            else:
+                target.set_header(name, value)  # replaces the defaults (Content-Type, Date)
+                seen.add(lower)
+        except ValueError:
+            log.warning("left out an upstream header that cannot be relayed: %s", name[:64].encode("ascii", "replace"))
 
 
 INVALID_URL = "Invalid unicode in url"
@@ -52,6 +55,12 @@ class ApiHandler(tornado.web.RequestHandler):
     """JSON API handler with CORS and uniform errors; dependencies arrive via initialize()."""
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    def __init__(self, application, request, **kwargs: Any) -> None:
+        super().__init__(application, request, **kwargs)
+        tracked = getattr(application, "open_requests", None)
+        if tracked is not None:  # a shutdown waits for this request (aipipe.drain)
+            tracked.add_handler(self)
 
     def initialize(self, gateway: Gateway) -> None:
         self.gw = gateway

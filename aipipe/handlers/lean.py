@@ -15,7 +15,6 @@ leave through the one base handler.
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 import time
 from asyncio import Future
@@ -25,8 +24,10 @@ import tornado.web
 from tornado import httputil
 from tornado.log import app_log, gen_log
 
+from ..drain import OpenRequests
 from ..errors import ApiError
 from .base import CORS_HEADERS, INVALID_URL
+from .intake import Guarded, Intake, answer_error
 
 REASON_PHRASE = re.compile(r"[\t\x20-\x7e\x80-\xff]+")  # RFC 9112: HTAB, SP, VCHAR, obs-text
 VALID_HEADER_VALUE = re.compile(r"[\x09\x20-\x7e\x80-\xff]*")  # RFC 9110 field values, as Tornado checks them
@@ -70,6 +71,12 @@ class LeanCall:
 
     def initialize(self, **kwargs: Any) -> None:
         """The route's keyword arguments, as RequestHandler.initialize receives them."""
+
+    @classmethod
+    def check_headers(cls, request: httputil.HTTPServerRequest, kwargs: dict) -> Any:
+        """Judge the request on its headers, before its body is read: raise ApiError to refuse it. What it
+        returns is handed to the call as `self.checked`."""
+        return None
 
     async def call(self, *args: str) -> None:
         """Serve the request; the path's groups are the arguments. Raise ApiError to answer with an error."""
@@ -160,19 +167,17 @@ class LeanCall:
             if task is None or not task.cancelling():  # something this call awaited was cancelled: an error
                 self._fail(e, path_args)
                 return
-            if not self._finished:  # this call's own task (a shutdown): a plain 500, logged by no one, as Tornado does
-                self._fail(tornado.web.HTTPError(500), path_args)
+            if self._headers_written and not self._finished:  # cut by a shutdown mid-answer: the client sees it end
+                self._finished = True
+                self.request.connection.close()
+            elif not self._finished:  # cut by a shutdown before the answer started
+                self._fail(ApiError(503, "Server is shutting down, try again"), path_args)
             raise
 
     def _fail(self, error: BaseException, path_args: list[bytes]) -> None:
         if not self._headers_written:  # nothing sent yet: the route's RequestHandler answers with the error
             self._finished = True
-            failed = _failing(self._fallback)
-            delegate = self.application.get_handler_delegate(
-                self.request, failed, {**self._kwargs, "error": error}, path_args)
-            if self.request.body:  # handed on as the connection would (the handler parses a form body as before)
-                delegate.data_received(self.request.body)
-            delegate.finish()
+            answer_error(self.application, self.request, self._fallback, self._kwargs, path_args, error)
             return
         if not isinstance(error, tornado.web.HTTPError):
             app_log.error("Uncaught exception in %s %s", self.request.method, self.request.path,
@@ -185,44 +190,40 @@ class LeanCall:
                 gen_log.error("Failed to flush partial response", exc_info=True)
 
 
-@functools.cache
-def _failing(handler_class: type[tornado.web.RequestHandler]) -> type[tornado.web.RequestHandler]:
-    """handler_class, made to fail with a given error: RequestHandler's own error path (log_exception,
-    send_error, write_error, the access log) then answers for a LeanCall."""
-
-    class Failing(handler_class):
-        lean_call = None
-
-        def initialize(self, error: BaseException, **kwargs: Any) -> None:
-            self.lean_error = error
-            super().initialize(**kwargs)
-
-        def prepare(self) -> None:
-            error, self.lean_error = self.lean_error, None  # not kept: its traceback would hold this handler
-            raise error
-
-    Failing.__name__ = Failing.__qualname__ = handler_class.__name__
-    return Failing
-
-
 class _LeanDelegate(httputil.HTTPMessageDelegate):
-    """Gathers the request body, then serves the request with a LeanCall."""
+    """Judges the request on its headers, gathers the body, then serves the request with a LeanCall."""
 
-    def __init__(self, application, request, call_class, fallback, kwargs, path_args) -> None:
+    def __init__(self, application, request, call_class, fallback, kwargs, path_args, limit: int) -> None:
         self.application, self.request = application, request
         self.call_class, self.fallback, self.kwargs, self.path_args = call_class, fallback, kwargs, path_args
         self.chunks: list[bytes] = []
+        self.intake = Intake(application, request, fallback, kwargs, path_args, limit)
+        self.checked = None
+
+    def headers_received(self, start_line, headers) -> None:
+        intake = self.intake
+        intake.check_headers(False)
+        if not intake.refused:
+            try:
+                self.checked = self.call_class.check_headers(self.request, self.kwargs)
+            except ApiError as e:
+                intake.refuse(e)
 
     def data_received(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
+        if self.intake.count(chunk):
+            self.chunks.append(chunk)
 
     def finish(self) -> None:
+        if self.intake.refused:
+            return
         request = self.request
         chunks = self.chunks
         request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         call = self.call_class(self.application, request, self.fallback, self.kwargs)
+        call.checked = self.checked
         # on the connection's own loop, asked for without asyncio.get_running_loop() (a getpid() each time)
-        request.connection.stream.io_loop.asyncio_loop.create_task(call.serve(self.path_args))
+        task = request.connection.stream.io_loop.asyncio_loop.create_task(call.serve(self.path_args))
+        self.application.open_requests.add_task(task)
 
     def on_connection_close(self) -> None:
         self.chunks = []  # the client left before its request was complete: nothing to answer
@@ -230,10 +231,21 @@ class _LeanDelegate(httputil.HTTPMessageDelegate):
 
 class LeanApplication(tornado.web.Application):
     """An Application that serves a route without its RequestHandler when the handler class names a LeanCall
-    subclass as `lean_call` and that class serves the request's method."""
+    subclass as `lean_call` and that class serves the request's method. Every request's body is held to
+    `max_body_bytes` (setting), judged on the headers where it can be (handlers.intake)."""
+
+    def __init__(self, *args, max_body_bytes: int = 32 * 1024 * 1024, **settings) -> None:
+        super().__init__(*args, **settings)
+        self.max_body_bytes = max_body_bytes
+        self.open_requests = OpenRequests()  # what a shutdown waits for (aipipe.drain)
 
     def get_handler_delegate(self, request, target_class, target_kwargs=None, path_args=None, path_kwargs=None):
         lean = getattr(target_class, "lean_call", None)
         if lean is not None and request.method in lean.SUPPORTED_METHODS and not path_kwargs:
-            return _LeanDelegate(self, request, lean, target_class, target_kwargs or {}, path_args or [])
-        return super().get_handler_delegate(request, target_class, target_kwargs, path_args, path_kwargs)
+            return _LeanDelegate(self, request, lean, target_class, target_kwargs or {}, path_args or [],
+                                 self.max_body_bytes)
+        delegate = super().get_handler_delegate(request, target_class, target_kwargs, path_args, path_kwargs)
+        if not getattr(target_class, "guarded", True):  # an error answer made for a request already judged
+            return delegate
+        intake = Intake(self, request, target_class, target_kwargs or {}, path_args or [], self.max_body_bytes)
+        return Guarded(delegate, intake, getattr(target_class, "token_before_body", False))

@@ -11,9 +11,11 @@ import time
 from collections.abc import Awaitable
 
 import orjson
+from tornado.escape import url_unescape
 from tornado.iostream import StreamClosedError
 
 from ..errors import ApiError
+from ..auth import Identity
 from ..gateway import Gateway, Outcome
 from ..providers import PROVIDERS
 from ..providers.base import NO_BODY_METHODS, Call, streamed_estimate
@@ -27,7 +29,7 @@ from ..stream_usage import (
     usage_only,
 )
 from ..upstream import Headers, describe, header, is_timeout
-from .base import ApiHandler, copy_upstream_headers
+from .base import INVALID_URL, ApiHandler, copy_upstream_headers
 from .lean import LeanCall
 
 log = logging.getLogger("aipipe.proxy")
@@ -50,18 +52,27 @@ class ProviderCall(LeanCall):
         self.gw = gateway
         self._client_gone = False  # set by on_connection_close, whenever the client leaves
 
-    async def call(self, name: str, path: str) -> None:
-        """Authenticate, price, admit, forward, relay and settle one call."""
-        self.started = time.perf_counter()
-        gw, req = self.gw, self.request
-        # the path as the client wrote it, not as the route decoded it: that text is priced and sent upstream
-        route, _, rest = req.path[1:].partition("/")
-        self.provider = provider = PROVIDERS.get(route)
-        if provider is None:
+    @classmethod
+    def check_headers(cls, request, kwargs: dict) -> Identity:
+        """Who is calling, decided before the body is read: an unknown provider is 404, a bad token 401."""
+        route = request.path[1:].partition("/")[0]
+        if route not in PROVIDERS:
+            try:
+                name = url_unescape(route, encoding=None).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(400, INVALID_URL) from None
             raise ApiError(404, f"Unknown provider: {name}")
+        return kwargs["gateway"].identify(request.headers)
+
+    async def call(self, name: str, path: str) -> None:
+        """Price, admit, forward, relay and settle one call (its caller was identified by check_headers)."""
+        self.started = time.perf_counter()
+        gw, req, identity = self.gw, self.request, self.checked
+        # the path as the client wrote it, not as the route decoded it: that text is priced and sent upstream
+        rest = req.path[1:].partition("/")[2]
+        self.provider = provider = PROVIDERS[req.path[1:].partition("/")[0]]
         # the route (/geminiv1beta) may differ from the provider's config, key and ledger name (gemini)
         self.provider_name = provider.name
-        identity = gw.identify(req.headers)
         if req.body and req.method in NO_BODY_METHODS:
             raise ApiError(400, f"A {req.method} request cannot carry a body")
         call = Call(req.method, checked_path("/" + rest), checked_query(req.query), req.headers, req.body)
@@ -76,6 +87,11 @@ class ProviderCall(LeanCall):
         self._priced = False  # outcome.cost is final (a JSON answer, priced for its X-AIPipe-Cost header)
         try:
             await self._forward(key)
+        except asyncio.CancelledError:
+            # a shutdown cut the call after it went upstream: the provider may have done the work, so it is
+            # billed what it reported, else its estimate
+            self.outcome.cut = self.outcome.aborted = True
+            raise
         finally:
             if not self._priced:
                 self.outcome.cost = self._cost()
@@ -85,7 +101,7 @@ class ProviderCall(LeanCall):
 
     def _cost(self) -> float:
         call, out = self.call, self.outcome
-        if not call.billable or not 200 <= out.status < 300:
+        if not call.billable or not (200 <= out.status < 300 or out.cut):
             return 0.0
         if out.usage is not None:
             return self.provider.cost(call, out.usage)
@@ -107,6 +123,9 @@ class ProviderCall(LeanCall):
             raise self._connection_error(error)
         if error is not None:
             log.warning("upstream %s broke off mid-answer: %s", self.provider_name, describe(error))
+            if self._mode == "json":  # nothing relayed yet: no 200 with half a JSON document
+                self.outcome.cut = 200 <= self.outcome.status < 300  # billed as a call whose usage is unknown
+                raise ApiError(502, f"{self.provider_name} broke off its answer: {describe(error)}")
         if self._mode == "sse":
             await self._finish_events()
         self._finish_answer()
