@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -138,6 +139,58 @@ def log_handler_exception(request, typ, value, tb) -> None:
             gen_log.warning("%d %s: " + value.log_message, value.status_code, summary, *value.args)
     else:
         app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
+
+
+# Tornado's "Malformed HTTP message" line quotes the offending header line, and with it a token or key
+MALFORMED = "Malformed HTTP message from %s: %s"
+# What a credential looks like wherever a library may quote one: a Bearer/Basic value, a JWT (AI Pipe tokens,
+# Google credentials), an OpenAI/OpenRouter or Gemini key, or a query argument that carries one.
+CREDENTIAL = re.compile(
+    r"(?i:\b(?P<keep>(?:bearer|basic)\s+|(?:key|token|credential|aipipe_token|access_token|api_key)=))[^\s'\"&]+"
+    r"|eyJ[\w-]+\.[\w-]+\.[\w-]*|\bsk-[\w-]{6,}|\bAIza[\w-]{10,}")
+REDACTED = "[redacted]"
+# Loggers of code AI Pipe does not write (its own loggers never carry a credential, and the access log's
+# shortcut must keep working: see line_writer)
+FOREIGN_LOGGERS = ("tornado.general", "tornado.application", "tornado.access", "asyncio")
+
+
+def redact(text: str) -> str:
+    """text with anything shaped like a credential replaced by [redacted]."""
+    return CREDENTIAL.sub(lambda m: (m.group("keep") or "") + REDACTED, text)
+
+
+def malformed_kind(error: object) -> str:
+    """Which rule a malformed request broke, without the text it quoted ("Invalid header value")."""
+    kind = re.split(r"[:'\"]", str(error), maxsplit=1)[0].strip()
+    return kind or type(error).__name__
+
+
+class RedactCredentials(logging.Filter):
+    """Takes tokens and keys out of other libraries' log lines before any handler sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == MALFORMED and isinstance(record.args, tuple) and len(record.args) == 2:
+            record.args = (record.args[0], malformed_kind(record.args[1]))
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:  # formatters reuse exc_text once it is set
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+REDACTOR = RedactCredentials()
+
+
+def redact_foreign_loggers() -> None:
+    """Put the credential filter on FOREIGN_LOGGERS (once; done when this module is imported, so it holds
+    for the server, the tests and any program embedding aipipe, whatever logging set-up they use)."""
+    for name in FOREIGN_LOGGERS:
+        logging.getLogger(name).addFilter(REDACTOR)
+
+
+redact_foreign_loggers()
 
 
 def setup_logging(level: int = logging.INFO) -> None:

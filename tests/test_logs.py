@@ -6,10 +6,15 @@ import asyncio
 import contextlib
 import io
 import logging
+import socket
 
 import pytest
+from tornado.iostream import IOStream
+from tornado.log import access_log, app_log, gen_log
 
 from aipipe import logs
+
+from .conftest import token
 
 
 class CountingStream(io.StringIO):
@@ -180,3 +185,43 @@ def test_workers_sharing_stderr_write_each_line_at_once(installed):
         return stream.flushes
 
     assert asyncio.run(main()) == 1
+
+
+SECRET_TOKEN = token("leak@example.com")
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("header, secret", [
+    (b"Authorization: Bearer %s\x01", SECRET_TOKEN),  # a control character after the token
+    (b"Authorization: Bearer %s\rX-After: 1", SECRET_TOKEN),  # a bare CR
+    (b"X-Goog-Api-Key: %s\x7f", b"plainsecret42"),  # no credential shape: only the rule broken is named
+    (b"Authorization Bearer %s: x", b"plainsecret42"),  # an invalid header name quoting it
+    (b"Host: %s\x01", b"plainsecret42"),
+])
+async def test_malformed_request_never_logs_its_credential(http_server, http_port, caplog, header, secret):
+    secret = secret.encode() if isinstance(secret, str) else secret
+    caplog.set_level(logging.DEBUG)
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", http_port))
+    await stream.write(b"GET /usage HTTP/1.1\r\nHost: x\r\n" + header % secret + b"\r\n\r\n")
+    answer = await stream.read_until_close()
+    assert answer.startswith(b"HTTP/1.1 400")
+    lines = [r.getMessage() for r in caplog.records] + [caplog.text]
+    assert any(line.startswith("Malformed HTTP message from ") for line in lines)
+    assert not any(secret.decode() in line for line in lines)
+    assert not any(SECRET_TOKEN[:20] in line for line in lines)
+
+
+def test_tornado_loggers_lose_credentials_in_messages_and_tracebacks(caplog):
+    caplog.set_level(logging.DEBUG)
+    try:
+        raise ValueError(f"Unsafe header value 'Bearer {SECRET_TOKEN}'")
+    except ValueError:
+        app_log.error("Uncaught exception GET /gemini/v1?key=AIzaSyTest0123456789 (%s)", "127.0.0.1", exc_info=True)
+    access_log.info("%d %s", 200, "GET /token?credential=google.jwt.credential&x=1")
+    gen_log.warning("%d %s: %s", 400, "GET /x", "sk-or-test-operator")
+    text = caplog.text
+    for secret in (SECRET_TOKEN, "AIzaSyTest0123456789", "google.jwt.credential", "sk-or-test-operator"):
+        assert secret not in text
+    assert "Bearer [redacted]" in text and "key=[redacted]" in text and "credential=[redacted]&x=1" in text
+    assert "ValueError: Unsafe header value" in text  # the traceback itself is kept
