@@ -202,3 +202,11 @@ async def test_usage_never_sums_to_inf_or_null_even_from_huge_stored_costs(call,
     assert r.code == 200 and all(isinstance(row["cost"], float) for row in orjson.loads(r.body)["data"])
     r = await call("/openai/v1/chat/completions", "POST", json=chat(), token=token("huge@example.com"))
     assert r.code == 429  # still over budget
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/admin", "/admin/"])
+async def test_admin_page_is_served_with_or_without_trailing_slash(call, gateway, upstream, path):
+    r = await call(path)
+    assert r.code == 200 and r.headers["Content-Type"].startswith("text/html")
+    assert b'src="/static/admin.js"' in r.body

@@ -20,7 +20,7 @@ def routes(gateway) -> list:
     return [
         (rf"/({known})/(.*)", ProviderHandler, deps),
         (r"/usage/?", UsageHandler, deps),
-        (r"/admin/([^/]*)/?", AdminHandler, deps),
+        (r"/admin/([^/]+)/?", AdminHandler, deps),  # /admin/ itself is the admin page (page_routes)
         *token_routes(gateway),
         *page_routes(gateway),
         (r"/similarity/?", SimilarityHandler, deps),
