@@ -46,6 +46,7 @@ class FakeState:
     events: int = 5  # content chunks per stream
     omit_usage: bool = False
     models_delay: float = 0.0  # seconds OpenRouter's model list takes to answer
+    embeddings_edit: object = None  # a function(answer dict) -> the embeddings answer to send instead
     script: list[bytes] | None = None  # a stream answer sent as given, one flushed write per piece (play_script)
     script_type: str = "text/event-stream"
     requests: list = field(default_factory=list)
@@ -214,9 +215,12 @@ class EmbeddingsHandler(FakeHandler):
         data = [{"object": "embedding", "index": i, "embedding": [((i * 7 + k) % 11) / 10 - 0.5 for k in range(8)]}
                 for i in range(len(inputs))]
         tokens = sum(max(1, len(str(t)) // 4) for t in inputs)
+        answer = {"object": "list", "data": data, "model": body.get("model"),
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        if self.state.embeddings_edit is not None:
+            answer = self.state.embeddings_edit(answer)
         self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps({"object": "list", "data": data, "model": body.get("model"),
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
+        self.finish(orjson.dumps(answer))
 
 
 class SpeechHandler(FakeHandler):

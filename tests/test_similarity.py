@@ -199,3 +199,44 @@ def test_thousand_by_thousand_by_1536_is_fast():
     seconds = min(measure_similarity(1000, 1000, 1536) for _ in range(2))
     print(f"\n/similarity 1000 docs x 1000 topics x 1536 dims: {seconds * 1000:.0f} ms of server CPU")
     assert seconds < 5  # loose on a shared CI box; typically ~0.2-0.3 s
+
+
+def b64(values: list[float]) -> str:
+    return base64.b64encode(np.asarray(values, dtype=np.float32).tobytes()).decode()
+
+
+NO_EMBEDDINGS = "openai returned no embeddings"
+SHAPE = "openai answered embeddings in an unexpected shape"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("edit, expected", [
+    (lambda a: {**a, "data": []}, NO_EMBEDDINGS),
+    (lambda a: {k: v for k, v in a.items() if k != "data"}, NO_EMBEDDINGS),
+    (lambda a: {**a, "data": None}, NO_EMBEDDINGS),
+    (lambda a: {**a, "data": {"0": [1.0]}}, NO_EMBEDDINGS),
+    (lambda a: {**a, "data": a["data"][:1]}, "openai returned 1 embeddings for 3 texts"),
+    (lambda a: {**a, "data": a["data"] * 2}, "openai returned 6 embeddings for 3 texts"),
+    (lambda a: {**a, "data": [{**d, "index": 0} for d in a["data"]]}, SHAPE),  # every row claims to be the first
+    (lambda a: {**a, "data": [{**d, "index": str(d["index"])} for d in a["data"]]}, SHAPE),
+    (lambda a: {**a, "data": [{"index": d["index"]} for d in a["data"]]}, SHAPE),
+    (lambda a: {**a, "data": [1, 2, 3]}, SHAPE),
+    (lambda a: {**a, "data": [{**d, "embedding": d["embedding"][:i + 1]} for i, d in enumerate(a["data"])]}, SHAPE),
+    (lambda a: {**a, "data": [{**d, "embedding": []} for d in a["data"]]}, SHAPE),
+    (lambda a: {**a, "data": [{**d, "embedding": 0.5} for d in a["data"]]}, SHAPE),
+    (lambda a: {**a, "data": [{**d, "embedding": [[0.5]]} for d in a["data"]]}, SHAPE),
+    (lambda a: {**a, "data": [{**d, "embedding": ["x"]} for d in a["data"]]}, SHAPE),
+    (lambda a: {**a, "data": [{**d, "embedding": b64([1.0] * (d["index"] + 1))} for d in a["data"]]}, SHAPE),
+    (lambda a: {**a, "data": [{**d, "embedding": "not base64!"} for d in a["data"]]}, SHAPE),
+    (lambda a: {**a, "data": [{**d, "embedding": b64([float("nan"), 1.0])} for d in a["data"]]}, SHAPE),
+])
+async def test_embeddings_answer_without_usable_embeddings_is_502_and_still_billed(call, gateway, upstream, edit, expected):
+    upstream.state.embeddings_edit = edit
+    docs = ["apples and pears", "rust and go", "the weather"]
+    r = await call("/similarity", "POST", json={"docs": docs}, token=token("empty@example.com"))
+    assert r.code == 502 and message(r) == expected
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert await spent(gateway, "empty@example.com") == pytest.approx(fake_tokens(docs) * SMALL, abs=1e-15)
+    upstream.state.embeddings_edit = None
+    r = await call("/similarity", "POST", json={"docs": docs}, token=token("empty@example.com"))
+    assert r.code == 200  # the server goes on serving

@@ -22,6 +22,7 @@ from .proxy import KEY_REJECTED
 log = logging.getLogger("aipipe.similarity")
 DEFAULT_MODEL = "text-embedding-3-small"
 ITEMS = 'a non-empty list of strings or {type: "text", value} objects'
+UNEXPECTED_SHAPE = "openai answered embeddings in an unexpected shape"
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,34 @@ def parse_request(body: dict, max_items: int, max_chars: int) -> SimilarityReque
 
 
 def decode_embeddings(data: list) -> np.ndarray:
-    """OpenAI's embeddings `data` (base64 float32 or float lists) as one float64 matrix, rows in input order."""
+    """OpenAI's embeddings `data` (base64 float32 or float lists) as one float64 matrix, rows in input order;
+    ValueError (or KeyError, TypeError) when the rows are not numbered 0..n-1 or differ in length."""
     rows = sorted(data, key=lambda d: d["index"])
+    if [d["index"] for d in rows] != list(range(len(rows))):
+        raise ValueError("embeddings are not numbered 0..n-1")
     if rows and isinstance(rows[0]["embedding"], str):
-        raw = b"".join([binascii.a2b_base64(d["embedding"]) for d in rows])
-        return np.frombuffer(raw, dtype=np.float32).reshape(len(rows), -1).astype(np.float64)
+        raw = [binascii.a2b_base64(d["embedding"]) for d in rows]
+        if len({len(r) for r in raw}) != 1:
+            raise ValueError("embeddings differ in length")
+        return np.frombuffer(b"".join(raw), dtype=np.float32).reshape(len(rows), -1).astype(np.float64)
     return np.asarray([d["embedding"] for d in rows], dtype=np.float64)
+
+
+def embeddings_matrix(answer: dict, count: int) -> np.ndarray:
+    """The `count` embeddings of an answer as a matrix; 502 when it holds none, too few or too many, or any of
+    another shape (the call is settled by then: the provider's reported usage is billed either way)."""
+    data = answer.get("data")
+    if not isinstance(data, list) or not data:
+        raise ApiError(502, "openai returned no embeddings")
+    if len(data) != count:
+        raise ApiError(502, f"openai returned {len(data)} embeddings for {count} texts")
+    try:
+        matrix = decode_embeddings(data)
+    except (KeyError, TypeError, ValueError):  # binascii.Error is a ValueError
+        raise ApiError(502, UNEXPECTED_SHAPE) from None
+    if matrix.ndim != 2 or matrix.shape[0] != count or not matrix.shape[1] or not np.isfinite(matrix).all():
+        raise ApiError(502, UNEXPECTED_SHAPE)  # e.g. numbers or nested lists as rows; NaN would answer null
+    return matrix
 
 
 def cosine_similarity(docs: np.ndarray, topics: np.ndarray | None, precision: int) -> np.ndarray:
@@ -124,11 +147,8 @@ class SimilarityHandler(ApiHandler):
             if admission is not None:
                 elapsed = (time.perf_counter() - started) * 1000
                 self.gw.settle(identity.email, admission, "openai", call, outcome, elapsed)
-        try:
-            matrix = decode_embeddings(answer["data"])
-        except (KeyError, TypeError, ValueError):
-            raise ApiError(502, "openai answered embeddings in an unexpected shape") from None
         n_docs = len(req.docs)
+        matrix = embeddings_matrix(answer, len(payload["input"]))
         similarity = cosine_similarity(matrix[:n_docs], None if req.topics is None else matrix[n_docs:], req.precision)
         tokens = outcome.usage.input_tokens
         self.set_header("Content-Type", "application/json")
@@ -165,5 +185,5 @@ class SimilarityHandler(ApiHandler):
         outcome.usage = usage or Usage(input_tokens=call.input_estimate, model=call.model)
         outcome.cost = cost_of(call.price, usage) if usage else call.fallback_cost
         if not isinstance(answer, dict):
-            raise ApiError(502, "openai answered embeddings in an unexpected shape")
+            raise ApiError(502, UNEXPECTED_SHAPE)
         return answer
