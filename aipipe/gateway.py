@@ -38,6 +38,7 @@ class Outcome:
     aborted: bool = False
     output_bytes: int = 0
     cost: float = 0.0
+    cut: bool = False  # forwarded, then cut off before a whole answer came (a shutdown, a broken answer)
 
 
 class Gateway:
@@ -208,7 +209,7 @@ class Gateway:
     def settle(self, email: str, admission: Admission, provider: str, call: Call, outcome: Outcome,
                duration_ms: float) -> asyncio.Future:
         """Queue the call's charge (or just release its hold when it cost nothing)."""
-        billed = call.billable and 200 <= outcome.status < 300
+        billed = call.billable and (200 <= outcome.status < 300 or outcome.cut)
         usage, now = outcome.usage, time.time()
         return self.ledger.settle(Charge(  # by position, the quickest way to build one
             email, utc_date(now), outcome.cost if billed else 0.0, admission.hold_id, "request" if billed else "release",

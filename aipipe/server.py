@@ -10,7 +10,6 @@ import signal
 import sys
 from collections.abc import Callable
 
-import tornado.httpserver
 import tornado.netutil
 import tornado.process
 import tornado.web
@@ -20,6 +19,7 @@ from .gateway import Gateway
 from .handlers import routes
 from .handlers.lean import LeanApplication
 from .handlers.page_base import template_environment
+from .listener import GatewayHTTPServer
 from .logs import line_writer, write_each_line
 from .storage import StoreConfigError, mask_url, open_store, url_scheme
 
@@ -44,7 +44,18 @@ def access_logger() -> Callable[[tornado.web.RequestHandler], None]:
 def make_app(gateway: Gateway, **settings) -> tornado.web.Application:
     """The Tornado application for a gateway; extra settings go to Application."""
     return LeanApplication(routes(gateway), log_function=access_logger(), gateway=gateway,
-                                   jinja=template_environment(), **settings)
+                           jinja=template_environment(), max_body_bytes=gateway.config.get("server.max_body_bytes"),
+                           **settings)
+
+
+def make_server(app: LeanApplication, config: Config) -> GatewayHTTPServer:
+    """The HTTP server for app, with the connection, header and body bounds of config."""
+    return GatewayHTTPServer(
+        app, xheaders=config.get("server.xheaders"), max_connections=config.get("server.max_connections"),
+        idle_connection_timeout=config.get("server.idle_seconds"), body_timeout=config.get("server.body_seconds"),
+        # the application holds bodies to server.max_body_bytes itself, with a JSON 413 (handlers.intake);
+        # Tornado's own check would answer a bare 400 before it could
+        max_body_size=1 << 62)
 
 
 def _install_fast_loop() -> None:
@@ -70,8 +81,8 @@ async def _serve(config: Config, sockets, spool_path: str, processes: int) -> No
         log.error("%s", e)
         await store.close()
         raise SystemExit(1) from None
-    server = tornado.httpserver.HTTPServer(make_app(gateway), xheaders=config.get("server.xheaders"),
-                                          max_body_size=256 * 1024 * 1024)
+    app = make_app(gateway)
+    server = make_server(app, config)
     server.add_sockets(sockets)
     # What start-up made (modules, routes, templates, prices) lives as long as the server: leave it out of
     # the collector's full passes, which otherwise walk it all every few thousand requests (README, Performance).
@@ -82,14 +93,18 @@ async def _serve(config: Config, sockets, spool_path: str, processes: int) -> No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: finishing open requests and writing pending charges")
+    drain = config.get("server.drain_seconds")
+    log.info("shutting down: no new connections; %d requests open get up to %.0f s to finish",
+             app.open_requests.count(), drain)
     server.stop()
+    await app.open_requests.drain(drain)
     try:
-        await asyncio.wait_for(server.close_all_connections(), 30)
+        await asyncio.wait_for(server.close_all_connections(), 5)
     except TimeoutError:
-        log.warning("some connections were still open after 30s")
+        log.warning("some connections were still open 5 s after the drain")
     await gateway.close()
     await store.close()
+    log.info("stopped; every charge written or spooled")
 
 
 def _stop_with_parent(parent: int) -> None:

@@ -20,12 +20,10 @@ TOO_LARGE = "Request body is larger than this server accepts ({limit} bytes)"
 
 
 def size_error(headers: httputil.HTTPHeaders, limit: int) -> ApiError | None:
-    """413 when the declared Content-Length is over limit (400 when it is not a number), else None."""
+    """413 when the declared Content-Length is over limit, else None (Tornado refuses one that is not a number)."""
     declared = headers.get("Content-Length")
-    if declared is None:
+    if declared is None or not declared.isdigit():
         return None
-    if not declared.isdigit():
-        return ApiError(400, "Content-Length must be a whole number of bytes")
     return ApiError(413, TOO_LARGE.format(limit=limit)) if int(declared) > limit else None
 
 
