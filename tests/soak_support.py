@@ -214,10 +214,11 @@ class ScriptedProvider:
 
 def http_head(status: str = "200 OK", ctype: str = "text/event-stream", extra: bytes = b"",
               length: int | None = None) -> bytes:
-    """A provider's status line and headers (chunked unless a Content-Length is given)."""
+    """A provider's status line and headers (chunked unless a Content-Length is given). It says Connection: close,
+    as ScriptedProvider closes every connection after one answer."""
     framing = b"Content-Length: %d\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n"
-    return (b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: " + ctype.encode() + b"\r\n" + framing + extra
-            + b"\r\n")
+    return (b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: " + ctype.encode() + b"\r\n" + framing
+            + b"Connection: close\r\n" + extra + b"\r\n")
 
 
 def chunked(data: bytes) -> bytes:
