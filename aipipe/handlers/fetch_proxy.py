@@ -144,13 +144,20 @@ class FetchProxyHandler(ApiHandler):
     post = put = patch = delete = head = get
 
     async def _fetch_once(self, url: str, method: str, headers: HTTPHeaders, body: bytes | None) -> HTTPResponse:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unclosed [IPv6 literal
+            raise ApiError(400, "URL has an invalid host") from None
         try:
             parts.port
         except ValueError:
             raise ApiError(400, "URL has an invalid port") from None
         if not parts.hostname:
             raise ApiError(400, "URL has no host")
+        try:
+            parts.hostname.encode("idna")  # what the resolver does with it: an empty or over-long label fails
+        except UnicodeError:
+            raise ApiError(400, "URL has an invalid host") from None
         self.redirect_to = ""
         timeout = self.gw.config.get("proxy.timeout")
         request = HTTPRequest(url, method=method, headers=headers, body=body, follow_redirects=False,

@@ -76,7 +76,10 @@ def parse_target(target: str) -> tuple[Origin, str]:
         raise RedirectError("Only http:// and https:// addresses can receive a token")
     if not target[len(scheme) + 1:].startswith("//"):
         raise RedirectError("The address must start with http:// or https://")
-    parts = urlsplit(target)
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # an unclosed [IPv6 literal, or a host NFKC would turn into other characters
+        raise RedirectError("The address is not a valid URL") from None
     if "@" in parts.netloc:
         raise RedirectError("Addresses with a user name or password are not allowed")
     try:
