@@ -75,6 +75,10 @@ class TargetHandler(tornado.web.RequestHandler):
             for name, value in HOSTILE_HEADERS.items():
                 self.set_header(name, value)
             self.finish(HOSTILE_PAGE)
+        elif what in ("spaced", "accented"):  # Location headers as some servers send them, unencoded
+            self.set_status(302)
+            self.set_header("Location", "/echo?q=a b" if what == "spaced" else "/echo?q=\u00e9")
+            self.finish()
         elif what == "untyped":
             self.clear_header("Content-Type")
             self.finish(HOSTILE_PAGE)
@@ -234,6 +238,15 @@ async def test_decoded_non_ascii_is_sent_percent_encoded(call, target):
     r = await call(f"/proxy/http%3A%2F%2F127.0.0.1%3A{target.port}%2Fecho%3Fq%3D%E2%9C%93")
     assert r.code == 200 and target.seen[-1]["query"] == "q=%E2%9C%93"
     assert r.headers["X-Proxy-URL"] == f"http://127.0.0.1:{target.port}/echo?q=%E2%9C%93"
+
+
+@pytest.mark.gen_test
+async def test_redirect_to_a_location_with_a_space_is_502_and_non_ascii_is_encoded(call, target):
+    r = await call(f"/proxy/{target.url}/spaced")
+    assert r.code == 502 and message(r) == "Target redirected to a URL with spaces or control characters"
+    assert [s["path"] for s in target.seen] == ["/spaced"]
+    r = await call(f"/proxy/{target.url}/accented")
+    assert r.code == 200 and target.seen[-1]["query"] == "q=%E9"  # the byte Tornado sent é as (Latin-1)
 
 
 @pytest.mark.gen_test

@@ -50,16 +50,24 @@ class StopReading(HTTPInputError):
     """Raised from our callbacks to drop the target's connection (Tornado closes it without a traceback)."""
 
 
+def sendable_url(url: bytes) -> str | None:
+    """url as ASCII, non-ASCII bytes percent-encoded; None when it holds a space or control character, which
+    would end the request line or a header sent on to the target."""
+    if any(byte <= 0x20 or byte == 0x7F for byte in url):
+        return None
+    return quote_from_bytes(url, safe=URL_CHARACTERS)
+
+
 def target_of(uri: str) -> str:
     """Everything after /proxy/ (query string included), also when the caller percent-encoded it, as ASCII."""
     raw = uri.split("/proxy/", 1)[1]
     # Tornado decodes the request line as Latin-1, so encoding it back gives the bytes the caller sent
     for candidate in (raw.encode("latin-1"), unquote_to_bytes(raw)):
         if candidate[:8].lower().startswith((b"http://", b"https://")):
-            # a decoded CR, LF or space would end the request line or a header sent on to the target
-            if any(byte <= 0x20 or byte == 0x7F for byte in candidate):
+            url = sendable_url(candidate)
+            if url is None:
                 raise ApiError(400, "URL must not contain spaces or control characters")
-            return quote_from_bytes(candidate, safe=URL_CHARACTERS)  # non-ASCII bytes as %XX
+            return url
     raise ApiError(400, "URL must begin with http")
 
 
@@ -133,7 +141,9 @@ class FetchProxyHandler(ApiHandler):
                 return self._fail(error, url)
             if not self.redirect_to:
                 return self.finish() if not self.client_gone else None
-            url = urljoin(url, self.redirect_to)
+            url = sendable_url(urljoin(url, self.redirect_to).encode("latin-1"))  # header values are Latin-1 too
+            if url is None:
+                raise ApiError(502, "Target redirected to a URL with spaces or control characters")
             if not url.lower().startswith(("http://", "https://")):
                 raise ApiError(502, "Target redirected to a URL that is not http(s)")
             if response.code == 303 or (response.code in (301, 302) and method == "POST"):
