@@ -227,3 +227,142 @@ def chunked(data: bytes) -> bytes:
 
 
 CHUNKED_END = b"0\r\n\r\n"
+
+
+# -- a fake provider process for soaks: random usage per call, every answer recorded --------------------------
+
+def _draw(rng, provider: str) -> Sent:
+    prompt, completion = rng.randint(1, 5000), rng.randint(1, 2000)
+    s = Sent(prompt, completion, cached=rng.choice([0, 0, rng.randint(0, prompt)]),
+             reasoning=rng.choice([0, rng.randint(0, completion)]))
+    if provider == "openrouter" and rng.random() < 0.7:
+        s.cost = round(rng.uniform(0, 0.02), 9)
+    return s
+
+
+def reported(provider: str, model: str, s: Sent | None) -> dict:
+    """The record of one answer: what it reported, and the price and ledger tokens the gateway should derive."""
+    if s is None:
+        return {"provider": provider, "model": model, "usage": None}
+    if provider == "gemini":
+        usage = Usage(s.prompt, s.completion + s.reasoning, cached_tokens=s.cached, reasoning_tokens=s.reasoning)
+    else:
+        usage = expected_openai(s, model)
+    return {"provider": provider, "model": model, "usage": [s.prompt, s.completion, s.cached, s.reasoning, s.cost],
+            "input": usage.input_tokens, "output": usage.output_tokens, "price": price_of(provider, model, usage)}
+
+
+def soak_app(record_path: str, seed: int):
+    """OpenAI (chat, responses), OpenRouter (chat, models) and Gemini (generate, alt=sse streams) with random usage;
+    a JSON line per answer started and finished goes to record_path."""
+    import itertools
+    import random
+    import time
+
+    import tornado.web
+
+    rng = random.Random(seed)
+    ids = itertools.count()
+    record = open(record_path, "a", buffering=1)
+    words = ["Hello", " wörld", " ✓", " 你好", " and", " so", " on", "."]
+
+    class Soak(tornado.web.RequestHandler):
+        def initialize(self, provider: str) -> None:
+            self.provider = provider
+
+        def note(self, **fields) -> None:
+            record.write(orjson.dumps({**fields, "t": time.time()}).decode() + "\n")
+
+        async def answer(self, model: str, stream: bool, build, json_body) -> None:
+            n = next(ids)
+            self.note(id=n, event="start")
+            s = _draw(rng, self.provider)
+            texts = [rng.choice(words) for _ in range(rng.randint(1, 12))]
+            if not stream:
+                self.set_header("Content-Type", "application/json")
+                self.finish(orjson.dumps(json_body(s, texts)))
+                self.note(id=n, event="end", **reported(self.provider, model, s))
+                return
+            made = build(s, texts)
+            self.set_header("Content-Type", "text/event-stream")
+            for event in made.events:
+                self.write(event)
+                await self.flush()
+                await asyncio.sleep(rng.choice([0, 0, 0.001, 0.005]))
+            self.finish()
+            self.note(id=n, event="end", **reported(self.provider, model, s if made.usage is not None else None))
+
+    class Chat(Soak):
+        async def post(self) -> None:
+            body = orjson.loads(self.request.body)
+            model, stream = body["model"], bool(body.get("stream"))
+            asked = bool((body.get("stream_options") or {}).get("include_usage"))
+
+            def build(s, texts):
+                if self.provider == "openrouter":
+                    return openrouter_chat(s, texts, model=model)
+                made = openai_chat(s, texts, model=model + "-2024-07-18")
+                if not asked:  # no usage chunk unless asked for, as OpenAI does
+                    made = Stream([e for i, e in enumerate(made.events) if i != made.usage_only], None)
+                return made
+
+            def whole(s, texts):
+                return {"id": "chatcmpl-soak", "object": "chat.completion", "created": 1700000000, "model": model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
+                                     "finish_reason": "stop"}], "usage": openai_usage(s)}
+            await self.answer(model, stream, build, whole)
+
+    class Responses(Soak):
+        async def post(self) -> None:
+            body = orjson.loads(self.request.body)
+            model = body["model"]
+
+            def whole(s, texts):
+                done = responses_stream(s, texts, model=model).events[-1]
+                return orjson.loads(done.split(b"data: ", 1)[1])["response"]
+            await self.answer(model, bool(body.get("stream")), lambda s, t: responses_stream(s, t, model=model), whole)
+
+    class Models(Soak):
+        def get(self) -> None:
+            self.set_header("Content-Type", "application/json")
+            self.finish(orjson.dumps({"data": OPENROUTER_MODELS}))
+
+    class Gemini(Soak):
+        async def post(self, model: str, action: str) -> None:
+            def whole(s, texts):
+                last = gemini_stream(s, ["".join(texts)], model=model).events[-1]
+                return orjson.loads(last.split(b"data: ", 1)[1])
+            await self.answer(model, action == "streamGenerateContent",
+                              lambda s, t: gemini_stream(s, t, model=model), whole)
+
+    return tornado.web.Application([
+        (r"/api/v1/chat/completions", Chat, {"provider": "openrouter"}),
+        (r"/api/v1/models", Models, {"provider": "openrouter"}),
+        (r"/v1/chat/completions", Chat, {"provider": "openai"}),
+        (r"/v1/responses", Responses, {"provider": "openai"}),
+        (r"/v1beta/models/([^/:]+):(\w+)", Gemini, {"provider": "gemini"}),
+    ])
+
+
+def read_records(path: str) -> tuple[list[dict], list[dict]]:
+    """(answers started, answers finished) from a soak fake's record file."""
+    with open(path) as f:
+        rows = [orjson.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["event"] == "start"], [r for r in rows if r["event"] == "end"]
+
+
+async def _serve_soak(port: int, record_path: str, seed: int) -> None:
+    import signal
+
+    import tornado.httpserver
+    server = tornado.httpserver.HTTPServer(soak_app(record_path, seed))
+    server.listen(port, "127.0.0.1")
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+
+
+if __name__ == "__main__":  # python -m tests.soak_support PORT RECORD_FILE SEED: the soak's fake provider process
+    import sys
+    asyncio.run(_serve_soak(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
