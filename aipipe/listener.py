@@ -4,8 +4,10 @@ process runs out of file descriptors.
 Tornado's accept loop re-raises an accept() failure such as EMFILE (too many open files), and the event loop
 then logs a traceback every time the listening socket is readable, which it stays while the backlog is
 full: thousands of lines a second. Here the number of open connections is capped below the open-file limit,
-a connection over the cap gets a short 503 and is closed, and an accept() failure pauses accepting for a
-moment with one log line per interval.
+and at the cap the connection that has waited longest for a request's headers (a half-sent request, or an
+idle keep-alive connection) is closed to make room, so that holding connections half-open cannot lock
+clients out; only when every connection is mid-request does a newcomer get a short 503. An accept()
+failure pauses accepting for a moment with one log line per interval.
 """
 from __future__ import annotations
 
@@ -63,7 +65,40 @@ class GatewayHTTPServer(tornado.httpserver.HTTPServer):
         super().initialize(*args, **kwargs)
         self.max_connections = max(1, min(max_connections, raise_open_file_limit() - RESERVED_FDS))
         self.refused = Throttled("refused %d connections over the cap of open connections%s")
+        self.evicted = Throttled("closed %d connections that waited longest for a request, to make room%s")
         self.failed_accepts = Throttled("accepting connections failed %d times (%s); pausing briefly")
+        # connections waiting for a request's headers, oldest first, and the request each is waiting on
+        self._waiting: dict[object, object] = {}
+        self._connection_of: dict[object, object] = {}
+        if hasattr(self.request_callback, "headers_in"):  # the application says when a request's headers are in
+            self.request_callback.headers_in = self.headers_in
+
+    def start_request(self, server_conn, request_conn):
+        self._waiting[server_conn] = request_conn
+        self._connection_of[request_conn] = server_conn
+        return super().start_request(server_conn, request_conn)
+
+    def headers_in(self, request_conn) -> None:
+        """A request's headers have arrived: its connection is no longer waiting."""
+        server_conn = self._connection_of.pop(request_conn, None)
+        if server_conn is not None:
+            self._waiting.pop(server_conn, None)
+
+    def on_close(self, server_conn) -> None:
+        request_conn = self._waiting.pop(server_conn, None)
+        if request_conn is not None:
+            self._connection_of.pop(request_conn, None)
+        super().on_close(server_conn)
+
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest for a request's headers; False if none is waiting."""
+        if not self._waiting:
+            return False
+        server_conn = next(iter(self._waiting))
+        self._connection_of.pop(self._waiting.pop(server_conn), None)
+        server_conn.stream.close()
+        self.evicted.note(f" (cap {self.max_connections})")
+        return True
 
     def add_sockets(self, sockets) -> None:
         for sock in sockets:
@@ -98,7 +133,7 @@ class GatewayHTTPServer(tornado.httpserver.HTTPServer):
                     io_loop.remove_handler(sock)
                     io_loop.call_later(PAUSE_SECONDS, resume)
                     return
-                if len(self._connections) >= self.max_connections:
+                if len(self._connections) >= self.max_connections and not self._make_room():
                     self._refuse(connection)
                     continue
                 self._handle_connection(connection, address)

@@ -114,21 +114,39 @@ def bounded_server(io_loop, make_gateway):
 
 
 @pytest.mark.gen_test
-async def test_connections_over_the_cap_get_a_503_and_the_rest_keep_working(bounded_server, upstream):
+async def test_at_the_cap_the_longest_waiting_half_sent_request_makes_room(bounded_server, upstream):
     port = await bounded_server(max_connections=3)
-    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-    await asyncio.sleep(0.05)  # let the server accept them
-    status, headers, body = status_and_json(await exchange(port, b"GET /usage HTTP/1.1\r\nHost: x\r\n\r\n"))
-    assert status == 503 and orjson.loads(body)["message"].startswith("Server busy")
-    assert headers["access-control-allow-origin"] == "*"
+    held = []
+    for _ in range(3):  # half-sent requests, as a slow client (or an attacker) leaves them
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /usage HTTP/1.1\r\nHost: x\r\n")
+        held.append((reader, writer))
+        await asyncio.sleep(0.02)  # accepted in this order
+    status, _, _ = status_and_json(await exchange(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert status == 404  # served, not locked out
+    assert await asyncio.wait_for(held[0][0].read(-1), 30) == b""  # the oldest waiting one was closed
     for _, writer in held:
         writer.close()
-    for _ in range(100):  # until the server has noticed the closed connections
-        status, _, _ = status_and_json(await exchange(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
-        if status != 503:
+
+
+@pytest.mark.gen_test
+async def test_connections_over_the_cap_get_a_503_when_every_one_is_mid_request(bounded_server, upstream):
+    upstream.state.event_delay = 0.3
+    port = await bounded_server(max_connections=2)
+    head = (f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token('busy@example.com')}\r\n"
+            "Content-Type: application/json\r\nConnection: close\r\n").encode()
+    body = orjson.dumps(chat(stream=True))
+    streams = [asyncio.ensure_future(exchange(port, head + b"Content-Length: %d\r\n\r\n" % len(body) + body))
+               for _ in range(2)]
+    for _ in range(1500):  # until both calls reached the provider
+        if len(upstream.state.requests) == 2:
             break
         await asyncio.sleep(0.02)
-    assert status == 404
+    status, headers, answer = status_and_json(await exchange(port, b"GET /usage HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert status == 503 and orjson.loads(answer)["message"].startswith("Server busy")
+    assert headers["access-control-allow-origin"] == "*"
+    for done in await asyncio.gather(*streams):  # the calls in progress were not disturbed
+        assert done.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in done
 
 
 @pytest.mark.gen_test

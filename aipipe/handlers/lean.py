@@ -239,7 +239,11 @@ class LeanApplication(tornado.web.Application):
         self.max_body_bytes = max_body_bytes
         self.open_requests = OpenRequests()  # what a shutdown waits for (aipipe.drain)
 
+    def headers_in(self, request_connection) -> None:
+        """Told when a request's headers are in (the serving GatewayHTTPServer replaces this)."""
+
     def get_handler_delegate(self, request, target_class, target_kwargs=None, path_args=None, path_kwargs=None):
+        self.headers_in(request.connection)
         lean = getattr(target_class, "lean_call", None)
         if lean is not None and request.method in lean.SUPPORTED_METHODS and not path_kwargs:
             return _LeanDelegate(self, request, lean, target_class, target_kwargs or {}, path_args or [],
