@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 PROVIDER_NAMES = ("openai", "openrouter", "gemini")
 PERIODS = ("day", "week", "month")
-CHOICES = {"storage.admission": ("auto", "store")}
+CHOICES = {"storage.admission": ("auto", "store"), "server.log_format": ("text", "json")}
 
 
 class ConfigError(ValueError):
@@ -37,6 +37,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.max_connections", 4096, "Most client connections open at once (also kept below the open-file limit)"),
     Setting("server.idle_seconds", 60.0, "Seconds a connection may take to send a request's headers, or sit idle between requests"),
     Setting("server.body_seconds", 300.0, "Seconds a client may take to send a request's body"),
+    Setting("server.log_format", "text", 'Log lines as "text" or "json" (one object per line); --log-format wins'),
+    Setting("server.metrics_token", "", "Bearer token GET /metrics requires (empty: none, for a port only Prometheus reaches)"),
     Setting("server.drain_seconds", 30.0, "On SIGTERM, seconds open requests and streams get to finish before they are cut (and billed)"),
     Setting("storage.url", "sqlite:///aipipe.db", "sqlite:///relative.db, sqlite:////abs/path.db or postgresql://user:pass@host:port/db"),
     Setting("storage.pool_min", 1, "Postgres: connections kept open"),
