@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-from .base import Admission, Charge, HoldRequest, Store, StoreUnavailable
+from .base import Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable
 
-__all__ = ["Admission", "Charge", "HoldRequest", "Store", "StoreUnavailable", "open_store", "mask_url", "StoreConfigError", "url_scheme"]
+__all__ = ["Admission", "Charge", "HoldRequest", "RowRefused", "Store", "StoreUnavailable", "open_store", "mask_url",
+           "StoreConfigError", "url_scheme"]
 
 
 class StoreConfigError(ValueError):

@@ -1,12 +1,25 @@
 """The storage interface every backend implements, and the records it speaks in."""
 from __future__ import annotations
 
+import logging
+import math
+import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import date
+
+log = logging.getLogger("aipipe.storage")
 
 
 class StoreUnavailable(RuntimeError):
     """The database cannot be reached right now; callers answer 503 and retry later."""
+
+    # (hold id, email) of holds a failed reserve may still have placed: its COMMIT was sent, the answer lost
+    placed: tuple = ()
+
+
+class RowRefused(ValueError):
+    """The store refused the data of a row in the batch (not a connection problem): the same rows fail again."""
 
 
 @dataclass(slots=True)
@@ -51,6 +64,61 @@ class Charge:
     streamed: bool = False
     aborted: bool = False
     ts: float = 0.0
+    charge_id: str = ""  # unique per charge (the ledger assigns it), so a retried batch is written once
+
+
+MAX_EMAIL, MAX_PROVIDER, MAX_MODEL = 320, 64, 256  # characters kept of each text field
+MAX_COUNT, MAX_STATUS = 2**62, 2**31 - 1  # within BIGINT and INTEGER
+
+
+def charge_row(c: Charge) -> tuple:
+    """A Charge's ledger row, cleaned so a store takes it: (charge_id, ts, email, day, kind, provider, model,
+    input_tokens, output_tokens, cost, status, duration_ms, streamed, aborted)."""
+    return (c.charge_id or None, finite(c.ts, time.time()), clean_text(c.email, MAX_EMAIL), c.day, c.kind,
+            clean_text(c.provider, MAX_PROVIDER), clean_text(c.model, MAX_MODEL), count(c.input_tokens, MAX_COUNT),
+            count(c.output_tokens, MAX_COUNT), safe_cost(c), count(c.status, MAX_STATUS),
+            finite(c.duration_ms, 0.0), bool(c.streamed), bool(c.aborted))
+
+
+def clean_text(value, cap: int):
+    """Text without control characters (PostgreSQL refuses NUL) or lone surrogates, at most cap characters."""
+    if type(value) is str and len(value) <= cap and value.isprintable():
+        return value
+    if not isinstance(value, str):
+        return value  # not text at all: the store refuses the row and the ledger sets it aside
+    return "".join(ch for ch in value if unicodedata.category(ch) not in ("Cc", "Cs"))[:cap]
+
+
+def count(value, cap: int) -> int:
+    """A whole number in [0, cap]; 0 for what is not a number."""
+    if type(value) is int and 0 <= value <= cap:
+        return value
+    try:
+        return min(max(int(value), 0), cap)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def finite(value, default: float) -> float:
+    """value as a float, or default when it is not a finite number."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return default
+    return value if math.isfinite(value) else default
+
+
+def safe_cost(c: Charge) -> float:
+    """The charge's cost; 0 (logged) when it is not a finite number, or negative outside an adjustment,
+    since a bad price must never lower anyone's spend."""
+    cost = c.cost
+    if type(cost) is float and 0.0 <= cost < math.inf:
+        return cost
+    if not isinstance(cost, bool) and isinstance(cost, (int, float)) and math.isfinite(cost) and (
+            cost >= 0 or c.kind == "adjust"):
+        return float(cost)
+    log.error("charge %s for %s has cost %r: recorded as 0", c.charge_id or "(no id)", c.email, cost)
+    return 0.0
 
 
 class Store:
@@ -79,7 +147,8 @@ class Store:
         raise NotImplementedError
 
     async def settle(self, charges: list[Charge]) -> None:
-        """Write ledger rows, add to daily totals and release holds, in one transaction."""
+        """Write ledger rows, add to daily totals and release holds, in one transaction; a charge whose charge_id
+        is already in the ledger is skipped (rows, totals). RowRefused when a row's data is refused."""
         raise NotImplementedError
 
     async def spend(self, email: str, since: date) -> float:

@@ -17,11 +17,14 @@ Several processes on several machines may share one database:
   after the locks are held) and inserts the new holds: admissions for one email are serialised
   across every instance.
 - settle writes ledger rows, adds to the daily totals (rows locked in a fixed order) and releases
-  holds in one statement; set_cost locks the day's row before reading it.
+  holds in one statement; a charge id already in the ledger is skipped (ON CONFLICT DO NOTHING) and
+  only the rows inserted reach the totals, so a batch retried after its commit's answer was lost is
+  written once. set_cost locks the day's row before reading it.
 
 Every batch costs a handful of round trips whatever its size (arrays through unnest), which is
 what keeps the single writer in aipipe/ledger.py fast. Connection problems surface as
-StoreUnavailable; the pool reconnects by itself once the database answers again.
+StoreUnavailable (the pool reconnects by itself once the database answers again); a row whose data
+PostgreSQL refuses (classes 22 and 23) as RowRefused.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from .base import (RATE_WINDOW, Admission, Charge, HoldRequest, Store, StoreUnavailable, UserState, add_hold,
-                   decide_batch, model_row, usage_filter)
+from .base import (RATE_WINDOW, Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable, UserState,
+                   add_hold, charge_row, decide_batch, model_row, usage_filter)
 
 LOCK_NAMESPACE = 0x41495050  # "AIPP": first key of the per-email advisory locks
 MIGRATE_LOCK = "aipipe.migrate:"  # hashed with the schema name into the migration lock's key
@@ -57,6 +60,9 @@ MIGRATIONS = (
     CREATE INDEX holds_email ON holds (email, created);
     CREATE INDEX holds_open ON holds (email) WHERE NOT released;
     """,
+    # a settle retried after its commit landed (or a spool replayed twice) must not bill twice
+    """ALTER TABLE ledger ADD COLUMN charge_id TEXT;
+    CREATE UNIQUE INDEX ledger_charge_id ON ledger (charge_id);""",
 )
 
 LOCK_EMAILS = f"""SELECT pg_advisory_xact_lock({LOCK_NAMESPACE}, h)
@@ -71,20 +77,22 @@ READ_STATE = """
     ORDER BY k, created"""
 INSERT_HOLDS = """INSERT INTO holds (id, email, amount, created, expires)
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::float8[], $5::float8[])"""
-LEDGER_COLUMNS = ("ts, email, date, kind, provider, model, input_tokens, output_tokens, cost, status, duration_ms, "
-                  "streamed, aborted")
-LEDGER_ARRAYS = ("$1::float8[], $2::text[], $3::date[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], "
-                 "$9::float8[], $10::int[], $11::float8[], $12::bool[], $13::bool[]")
+LEDGER_COLUMNS = ("charge_id, ts, email, date, kind, provider, model, input_tokens, output_tokens, cost, status, "
+                  "duration_ms, streamed, aborted")
+LEDGER_ARRAYS = ("$1::text[], $2::float8[], $3::text[], $4::date[], $5::text[], $6::text[], $7::text[], $8::bigint[], "
+                 "$9::bigint[], $10::float8[], $11::int[], $12::float8[], $13::bool[], $14::bool[]")
 INSERT_LEDGER = f"INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LEDGER_ARRAYS})"
 # A whole settle batch in one statement (so one round trip, and atomic on its own): ledger rows,
-# daily totals and hold releases. The totals are grouped (ON CONFLICT may touch a row only once per
-# statement) and ordered (two instances settling the same users lock rows in the same order).
-SETTLE = f"""WITH ledger_rows AS (INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LEDGER_ARRAYS})),
+# daily totals and hold releases. Only the rows inserted (charge ids not already there) reach the
+# totals, which are grouped (ON CONFLICT may touch a row only once per statement) and ordered (two
+# instances settling the same users lock rows in the same order). Releasing a hold twice changes nothing.
+SETTLE = f"""WITH ledger_rows AS (INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LEDGER_ARRAYS})
+        ON CONFLICT (charge_id) DO NOTHING RETURNING email, date, cost),
     totals AS (INSERT INTO usage (email, date, cost)
-        SELECT e, d, SUM(c) FROM unnest($14::text[], $15::date[], $16::float8[]) AS t(e, d, c)
-        GROUP BY e, d ORDER BY e, d
+        SELECT email, date, SUM(cost) FROM ledger_rows WHERE cost <> 0
+        GROUP BY email, date ORDER BY email, date
         ON CONFLICT (email, date) DO UPDATE SET cost = usage.cost + excluded.cost),
-    released AS (UPDATE holds SET released = TRUE WHERE id = ANY($17::bigint[]))
+    released AS (UPDATE holds SET released = TRUE WHERE id = ANY($15::bigint[]))
     SELECT 1"""
 PRUNE_HOLDS = """DELETE FROM holds WHERE id IN (
     SELECT id FROM holds WHERE created < $1::float8 AND (released OR expires < $2::float8)
@@ -92,6 +100,9 @@ PRUNE_HOLDS = """DELETE FROM holds WHERE id IN (
 
 # What a dropped connection, a stopped or restarting server, or a timeout raise.
 DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# What a row PostgreSQL will not take raises (data exceptions, constraint violations; asyncpg's own
+# DataError when an argument cannot be encoded): the same rows fail again, however often retried.
+REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, UnicodeError)
 
 
 def parse_url(url: str) -> tuple[str, str | None, float, float]:
@@ -119,8 +130,7 @@ def quote_ident(name: str) -> str:
 
 def ledger_record(c: Charge) -> tuple:
     """A Charge as one row of INSERT_LEDGER's arrays."""
-    return (c.ts, c.email, c.day, c.kind, c.provider, c.model, c.input_tokens, c.output_tokens, c.cost, c.status,
-            c.duration_ms, c.streamed, c.aborted)
+    return charge_row(c)
 
 
 def columns(rows: list[tuple], width: int) -> list[list]:
@@ -186,6 +196,8 @@ class PostgresStore(Store):
         try:
             async with self._pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
                 yield conn
+        except REFUSED as e:
+            raise RowRefused(f"PostgreSQL: {type(e).__name__}: {' '.join(str(e).split())}") from e
         except DB_ERRORS as e:
             raise unavailable(e) from e
 
@@ -209,26 +221,33 @@ class PostgresStore(Store):
         """Admit and hold each request in order; emails locked across instances for the transaction."""
         emails = sorted({r.email for r in requests})
         since = min(r.since for r in requests)
-        async with self._transaction() as conn:
-            await conn.execute(LOCK_EMAILS, emails)
-            rows = await conn.fetch(READ_STATE, emails, since, now, now - RATE_WINDOW)
-            states = {e: UserState(daily=[]) for e in emails}
-            for kind, email, day, amount, created, is_open in rows:
-                if kind == 0:
-                    states[email].daily.append((day, float(amount)))
-                else:
-                    add_hold(states[email], float(amount), created, is_open, now)
-            admissions, holds = decide_batch(requests, states, now, lambda: secrets.randbits(62))
-            if holds:
-                await conn.execute(INSERT_HOLDS, *columns(holds, 5))
+        placed: list[tuple[int, str]] = []
+        try:
+            async with self._transaction() as conn:
+                await conn.execute(LOCK_EMAILS, emails)
+                rows = await conn.fetch(READ_STATE, emails, since, now, now - RATE_WINDOW)
+                states = {e: UserState(daily=[]) for e in emails}
+                for kind, email, day, amount, created, is_open in rows:
+                    if kind == 0:
+                        states[email].daily.append((day, float(amount)))
+                    else:
+                        add_hold(states[email], float(amount), created, is_open, now)
+                admissions, holds = decide_batch(requests, states, now, lambda: secrets.randbits(62))
+                if holds:
+                    placed = [(h[0], h[1]) for h in holds]
+                    await conn.execute(INSERT_HOLDS, *columns(holds, 5))
+        except StoreUnavailable as e:
+            # the COMMIT may have landed with its answer lost: holds nobody will settle would count as
+            # requests in flight until they expire, so the caller releases them once the store is back
+            e.placed = tuple(placed)
+            raise
         return admissions
 
     async def settle(self, charges: list[Charge]) -> None:
         """Ledger rows, daily totals and hold releases for a batch, in one statement (one round trip)."""
-        billed = [c for c in charges if c.kind != "release"]
-        costs = [(c.email, c.day, c.cost) for c in billed if c.cost]
+        billed = [ledger_record(c) for c in charges if c.kind != "release"]
         released = sorted({c.hold_id for c in charges if c.hold_id is not None})
-        await self._execute(SETTLE, *columns([ledger_record(c) for c in billed], 13), *columns(costs, 3), released)
+        await self._execute(SETTLE, *columns(billed, 14), released)
 
     async def spend(self, email: str, since: date) -> float:
         """Settled cost in the window."""
@@ -274,7 +293,7 @@ class PostgresStore(Store):
                                email, day)
             old = await conn.fetchval("SELECT cost FROM usage WHERE email = $1 AND date = $2 FOR UPDATE", email, day)
             adjust = Charge(email=email, day=day, cost=cost - float(old), kind="adjust", ts=now)
-            await conn.execute(INSERT_LEDGER, *columns([ledger_record(adjust)], 13))
+            await conn.execute(INSERT_LEDGER, *columns([ledger_record(adjust)], 14))
             await conn.execute("UPDATE usage SET cost = $3 WHERE email = $1 AND date = $2", email, day, cost)
 
     async def ledger(self, email: str | None = None, limit: int = 100) -> list[dict]:

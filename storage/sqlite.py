@@ -15,8 +15,8 @@ from datetime import date
 
 import aiosqlite
 
-from .base import (RATE_WINDOW, Admission, Charge, HoldRequest, Store, StoreUnavailable, UserState, add_hold,  # noqa: F401
-                   decide_batch, model_row, usage_filter)
+from .base import (RATE_WINDOW, Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable, UserState,  # noqa: F401
+                   add_hold, charge_row, decide_batch, model_row, usage_filter)
 
 MIGRATIONS = (
     """
@@ -34,18 +34,25 @@ MIGRATIONS = (
     """,
     # admissions sum the open holds of a user: keep that read small however many holds were ever placed
     "CREATE INDEX holds_open ON holds (email) WHERE released = 0",
+    # a settle retried after its commit landed (or a spool replayed twice) must not bill twice
+    """ALTER TABLE ledger ADD COLUMN charge_id TEXT;
+    CREATE UNIQUE INDEX ledger_charge_id ON ledger (charge_id)""",
 )
 
-LEDGER_INSERT = """INSERT INTO ledger (ts, email, date, kind, provider, model, input_tokens, output_tokens,
-    cost, status, duration_ms, streamed, aborted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"""
+LEDGER_INSERT = """INSERT INTO ledger (charge_id, ts, email, date, kind, provider, model, input_tokens, output_tokens,
+    cost, status, duration_ms, streamed, aborted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"""
+# What binding or constraints raise for a row whose data SQLite will not take (as opposed to a locked or lost file).
+REFUSED = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError,
+           OverflowError, UnicodeError)
 ADD_COST = """INSERT INTO usage (email, date, cost) VALUES (?, ?, ?)
     ON CONFLICT (email, date) DO UPDATE SET cost = cost + excluded.cost"""
 
 
 def ledger_row(c: Charge) -> tuple:
-    """A Charge as the LEDGER_INSERT parameters."""
-    return (c.ts, c.email, c.day.isoformat(), c.kind, c.provider, c.model, c.input_tokens,
-            c.output_tokens, c.cost, c.status, c.duration_ms, c.streamed, c.aborted)  # booleans are stored as 1 and 0
+    """A Charge as the LEDGER_INSERT parameters (booleans are stored as 1 and 0)."""
+    row = charge_row(c)
+    day = row[3]
+    return row[:3] + (day.isoformat() if isinstance(day, date) else day,) + row[4:]
 
 
 class SQLiteStore(Store):
@@ -130,6 +137,8 @@ class SQLiteStore(Store):
             if self._turns is None:
                 return await db._execute(_in_transaction, db._conn, work, *args)
             return await db._execute(_taking_turns, self._turns, db._conn, work, *args)
+        except REFUSED as e:
+            raise RowRefused(f"SQLite: {type(e).__name__}: {e}") from e
         except (sqlite3.OperationalError, ValueError) as e:
             raise StoreUnavailable(f"SQLite: {e}") from e
 
@@ -138,15 +147,10 @@ class SQLiteStore(Store):
         return await self._write(_reserve, requests, now)
 
     async def settle(self, charges: list[Charge]) -> None:
-        """Ledger rows, daily totals and hold releases for a batch, in one transaction."""
+        """Ledger rows, daily totals and hold releases for a batch, in one transaction; known charge ids skipped."""
         billed = [ledger_row(c) for c in charges if c.kind != "release"]
-        totals: dict[tuple[str, str], float] = {}  # one update per user and day, as PostgreSQL's SETTLE does
-        for row in billed:
-            if row[8]:  # cost
-                key = row[1], row[2]  # email, date
-                totals[key] = totals.get(key, 0.0) + row[8]
         released = [(c.hold_id,) for c in charges if c.hold_id is not None]
-        await self._write(_settle, billed, [(*key, cost) for key, cost in totals.items()], released)
+        await self._write(_settle, billed, released)
 
     async def spend(self, email: str, since: date) -> float:
         """Settled cost in the window."""
@@ -258,13 +262,38 @@ def _reserve(conn: sqlite3.Connection, requests: list[HoldRequest], now: float) 
     return admissions
 
 
-def _settle(conn: sqlite3.Connection, billed: list[tuple], costs: list[tuple], released: list[tuple]) -> None:
+def _settle(conn: sqlite3.Connection, billed: list[tuple], released: list[tuple]) -> None:
+    billed = _unwritten(conn, billed)
     if billed:
         conn.executemany(LEDGER_INSERT, billed)
-    if costs:
-        conn.executemany(ADD_COST, costs)
-    if released:
+    totals: dict[tuple[str, str], float] = {}  # one update per user and day, as PostgreSQL's SETTLE does
+    for row in billed:
+        if row[9]:  # cost
+            key = row[2], row[3]  # email, date
+            totals[key] = totals.get(key, 0.0) + row[9]
+    if totals:
+        conn.executemany(ADD_COST, [(*key, cost) for key, cost in totals.items()])
+    if released:  # releasing a hold twice changes nothing
         conn.executemany("UPDATE holds SET released = 1 WHERE id = ?", released)
+
+
+def _unwritten(conn: sqlite3.Connection, rows: list[tuple]) -> list[tuple]:
+    """The rows whose charge id is neither in the ledger nor earlier in rows (rows without an id all count)."""
+    ids = [r[0] for r in rows if r[0] is not None]
+    if not ids:
+        return rows
+    seen = set()
+    for i in range(0, len(ids), 500):  # within SQLite's limit on bound parameters
+        chunk = ids[i:i + 500]
+        seen.update(r[0] for r in conn.execute(
+            f"SELECT charge_id FROM ledger WHERE charge_id IN ({','.join('?' * len(chunk))})", chunk))
+    fresh = []
+    for row in rows:
+        if row[0] is None or row[0] not in seen:
+            if row[0] is not None:
+                seen.add(row[0])
+            fresh.append(row)
+    return fresh
 
 
 def _set_cost(conn: sqlite3.Connection, email: str, day: date, cost: float, now: float) -> None:

@@ -13,7 +13,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from aipipe.storage import Charge, HoldRequest, StoreUnavailable, open_store
+from aipipe.storage import Charge, HoldRequest, RowRefused, StoreUnavailable, open_store
 from aipipe.storage.base import RATE_WINDOW
 
 D0 = date(2025, 3, 10)
@@ -422,3 +422,88 @@ async def test_closed_store_raises_store_unavailable(store_kind, store_url):
     with pytest.raises(StoreUnavailable):
         await s.spend("u@example.com", D0)
     await s.close()  # closing twice is harmless
+
+
+# --- charge ids: a batch written again is billed once ------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_settling_the_same_batch_twice_writes_each_charge_once(store):
+    a, b = await store.reserve([hold(amount=0.1), hold(amount=0.1)], NOW)
+    batch = [charge(a, cost=0.125, charge_id="p-1", ts=NOW), charge(b, cost=0.25, charge_id="p-2", ts=NOW),
+             charge(email="v@example.com", cost=0.5, charge_id="p-3", ts=NOW)]
+    await store.settle(batch)
+    await store.settle(batch)  # as a retry does after the answer to the first commit was lost
+    await store.settle([batch[1], charge(cost=0.0625, charge_id="p-4", ts=NOW), batch[1]])  # one new, one twice
+    assert sorted(r["charge_id"] for r in await store.ledger(limit=100)) == ["p-1", "p-2", "p-3", "p-4"]
+    assert await store.spend("u@example.com", D0) == pytest.approx(0.4375, abs=1e-9)
+    assert await store.spend("v@example.com", D0) == pytest.approx(0.5, abs=1e-9)
+    assert await store.open_holds("u@example.com", NOW) == 0
+
+
+@pytest.mark.gen_test
+async def test_charges_without_an_id_are_each_written(store):
+    await store.settle([charge(cost=0.1), charge(cost=0.1)])
+    await store.settle([charge(cost=0.1)])
+    assert len(await store.ledger()) == 3
+    assert await store.spend("u@example.com", D0) == pytest.approx(0.3, abs=1e-9)
+
+
+@pytest.mark.gen_test
+async def test_a_database_from_before_charge_ids_is_migrated_and_keeps_its_rows(store_kind, store_url):
+    s = await open_store(store_url)
+    await s.settle([charge(cost=0.2, ts=NOW)])
+    # back to the schema before charge ids, as an older version left it
+    if store_kind == "sqlite":
+        await s._db.execute("DROP INDEX ledger_charge_id")
+    await sql_write(s, "ALTER TABLE ledger DROP COLUMN charge_id")
+    await sql_write(s, f"DELETE FROM schema_version WHERE version = {len(migrations_of(s))}")
+    await s.close()
+    s = await open_store(store_url)
+    try:
+        await s.settle([charge(cost=0.3, charge_id="new-1", ts=NOW)])
+        await s.settle([charge(cost=0.3, charge_id="new-1", ts=NOW)])
+        assert sorted((r["cost"], r["charge_id"]) for r in await s.ledger()) == [(0.2, None), (0.3, "new-1")]
+        assert await s.spend("u@example.com", D0) == pytest.approx(0.5, abs=1e-9)
+    finally:
+        await s.close()
+
+
+async def sql_write(store, query: str) -> None:
+    """Run one parameterless statement on either backend."""
+    if store.url.startswith("sqlite"):
+        await store._db.execute(query)
+        return
+    async with store._pool.acquire() as conn:
+        await conn.execute(query)
+
+
+# --- what goes into a row --------------------------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_text_and_numbers_are_cleaned_so_one_odd_charge_is_still_written(store):
+    await store.settle([charge(cost=0.25, provider="open\x00router", model="openai/gpt-4o-mini:\x00x\n\ud800",
+                               input_tokens=2**80, output_tokens=-3, status=2**40, duration_ms=float("nan"),
+                               email="u@example.com", ts=NOW)])
+    (row,) = await store.ledger()
+    assert (row["provider"], row["model"]) == ("openrouter", "openai/gpt-4o-mini:x")
+    assert (row["input_tokens"], row["output_tokens"], row["status"], row["duration_ms"]) == (2**62, 0, 2**31 - 1, 0)
+    await store.settle([charge(cost=0.1, model="m" * 10_000, email="u@example.com", ts=NOW)])
+    assert max(len(r["model"]) for r in await store.ledger()) == 256
+
+
+@pytest.mark.gen_test
+async def test_a_cost_that_is_not_a_finite_positive_number_is_written_as_zero(store):
+    await store.settle([charge(cost=0.5, ts=NOW)] + [charge(cost=c, ts=NOW) for c in
+                                                     (-0.25, float("nan"), float("inf"), float("-inf"))])
+    assert await store.spend("u@example.com", D0) == pytest.approx(0.5, abs=1e-9)
+    assert sorted(r["cost"] for r in await store.ledger()) == [0, 0, 0, 0, 0.5]
+
+
+@pytest.mark.gen_test
+async def test_a_row_the_store_refuses_raises_row_refused_not_store_unavailable(store):
+    bad = Charge(email="u@example.com", day=D0, cost=0.2, provider=None, ts=NOW)  # provider is NOT NULL
+    with pytest.raises(RowRefused):
+        await store.settle([charge(cost=0.1, ts=NOW), bad])
+    with pytest.raises(RowRefused):
+        await store.settle([Charge(email="u@example.com", day=None, cost=0.2, ts=NOW)])
+    assert await store.ledger() == []
