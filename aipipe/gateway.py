@@ -44,14 +44,14 @@ class Outcome:
 class Gateway:
     """Everything a request handler needs, built once per server process."""
 
-    def __init__(self, config: Config, store: Store, prices: PriceTable | None = None, spool_path: str | None = None,
+    def __init__(self, config: Config, store: Store, prices: PriceTable | None = None, spool_dir: str | None = None,
                  processes: int = 1):
         self.config = config
         self.store = store
         self.prices = prices or PriceTable.shipped()
         # budgets in memory when this process is the only one using an SQLite file (see aipipe/books.py)
         in_memory = config.get("storage.admission") == "auto" and processes == 1 and store.single_file
-        self.ledger = Ledger(store, spool_path=spool_path, books=Books() if in_memory else None)
+        self.ledger = Ledger(store, spool_dir=spool_dir, books=Books() if in_memory else None)
         self.verifier = TokenVerifier(config.secret, config.salts, config.get("auth.token_cache_seconds"))
         self.default_hold = config.get("limits.default_hold_usd")
         self.upstream_timeout = config.get("limits.upstream_timeout")

@@ -2,9 +2,21 @@
 
 Handlers ask to reserve budget and hand in charges; a single task drains both queues and
 turns everything that piled up into one settle transaction and one reserve transaction.
-Settlements go first, so a request that finished counts against the very next admission.
-A settlement is never dropped: if the store is down it is retried until the store is back,
-and at shutdown whatever could not be written is spooled to a file and replayed at start.
+Settlements go first, so a request that finished counts against the very next admission; while
+charges cannot be written, admissions are refused as "store unavailable" rather than judged on
+holds those charges would release.
+
+Every charge gets an id when queued (a random prefix per ledger and a counter) and the store skips
+ids it already has, so writing a batch again (retried after the answer to its commit was lost, or a
+spool file replayed twice) bills it once. A charge is never silently dropped:
+- store unavailable: it stays queued and is retried every retry_seconds until the store is back;
+- its row refused (RowRefused: data the store will not take even after cleaning): the batch is
+  halved until that row is alone, the others are written, and it is appended to `rejected.jsonl`
+  in the spool folder;
+- the writer task fails on anything else: logged with its traceback and restarted, charges kept;
+- at shutdown, what could not be written goes to this process's own file in the store's spool
+  folder (spool_dir()). At start a process replays every file there that no other process holds
+  locked, and deletes each once its charges are committed.
 
 With `books` (a server that is the only writer of its SQLite file), admission is decided in
 memory and only a user's first request waits for the writer, which reads their spend.
@@ -12,15 +24,23 @@ memory and only a user's first request waits for the writer, which reads their s
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import glob
+import hashlib
+import itertools
 import json
 import logging
+import math
 import os
+import secrets
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import date
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .books import Books
-from .storage import Admission, Charge, HoldRequest, Store, StoreUnavailable
+from .storage import Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable, sqlite_path, url_scheme
+from .storage.base import safe_cost
 
 log = logging.getLogger("aipipe.ledger")
 MAX_BATCH = 512
@@ -28,18 +48,48 @@ MAX_BATCH = 512
 # about 22 µs of CPU per call under load (SQLite's per-commit work and the hand-offs to aiosqlite's thread);
 # at 100 ms, about 12 µs (README, Performance). A process killed outright loses at most this much of charges.
 LINGER = 0.1
+INF = math.inf
+SPOOL_FILES = "unsettled-*.jsonl"  # in the spool folder: charges to replay (one file per process that spooled)
+REJECTED = "rejected.jsonl"  # in the spool folder: charges the store refused, for an operator to look at
+CHARGE_FIELDS = frozenset(f.name for f in fields(Charge))
+# URL parameters that do not change which database a PostgreSQL URL names
+NOT_IDENTITY = frozenset({"connect_timeout", "command_timeout", "application_name"})
+
+
+def spool_dir(store_url: str, state_dir: str | None = None) -> str | None:
+    """The folder for a store's unwritten charges: `<file>.spool` beside an SQLite file (None in memory); for
+    PostgreSQL `aipipe-spool-<hash of the URL without password>` in state_dir, $STATE_DIRECTORY or the working folder."""
+    if url_scheme(store_url) == "sqlite":
+        path = sqlite_path(store_url)
+        return None if path == ":memory:" else os.path.abspath(path) + ".spool"
+    parts = urlsplit(store_url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = netloc[-1].lower()
+    user = netloc[0].split(":", 1)[0] + "@" if len(netloc) == 2 else ""
+    query = urlencode(sorted((k, v) for k, v in parse_qsl(parts.query) if k not in NOT_IDENTITY and k != "password"))
+    identity = urlunsplit(("postgresql", user + host, parts.path, query, ""))
+    base = state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or os.getcwd()
+    return os.path.join(base, "aipipe-spool-" + hashlib.sha256(identity.encode()).hexdigest()[:16])
 
 
 class Ledger:
     """Batches reservations and settlements into few transactions."""
 
-    def __init__(self, store: Store, spool_path: str | None = None, retry_seconds: float = 1.0,
-                 books: Books | None = None):
+    def __init__(self, store: Store, spool_dir: str | None = None, retry_seconds: float = 1.0,
+                 books: Books | None = None, spool_path: str | None = None):
+        """spool_dir: the store's spool folder (see spool_dir()); spool_path: a single file instead, replayed and
+        written to."""
         self.store = store
         self.books = books
         self._loads: list[tuple[HoldRequest, asyncio.Future]] = []  # memory mode: users whose spend is not read yet
-        self.spool_path = spool_path
+        self.spool_dir = spool_dir
+        self.spool_path = spool_path or (spool_dir and os.path.join(
+            spool_dir, SPOOL_FILES.replace("*", f"{os.getpid()}-{secrets.token_hex(4)}")))
+        self.rejected_path = self.spool_path and os.path.join(os.path.dirname(self.spool_path), REJECTED)
+        self._held: dict[str, object] = {}  # spool files being replayed: path -> open file holding its flock
         self.retry_seconds = retry_seconds
+        self._id_prefix = secrets.token_hex(8) + "-"  # per ledger (so per process: made after any fork)
+        self._next_id = itertools.count(1).__next__
         self._reserves: list[tuple[HoldRequest, asyncio.Future]] = []
         self._settles: list[Charge] = []
         # Who waits for charges to be written: [charges queued so far when last extended, future] per group of
@@ -60,15 +110,37 @@ class Ledger:
     def start(self) -> None:
         """Start the writer task on the running loop, replaying any spooled charges first."""
         self._loop = asyncio.get_running_loop()
-        replayed = self._read_spool()
+        replayed = self._read_spools()
         if replayed:  # written first: charges queued before start() (none, in the server) wait for them too
             self._settles[:0] = replayed
             self._queued += len(replayed)
             for mark in self._marks:
                 mark[0] += len(replayed)
-            self._mark()
-        self._task = self._loop.create_task(self._run())
+            done = self._loop.create_future()  # the spool files go once what they held is committed
+            self._marks.insert(0, [len(replayed), done])
+            done.add_done_callback(lambda _: self._let_go_of_spools(delete=True))
+        else:
+            self._let_go_of_spools(delete=True)  # files with nothing to replay
+        self._start_writer()
         if self._settles:
+            self._wake.set()
+
+    def _start_writer(self) -> None:
+        self._task = self._loop.create_task(self._run())
+        self._task.add_done_callback(self._writer_ended)
+
+    def _writer_ended(self, task: asyncio.Task) -> None:
+        """Log a writer that failed, at once, and start another: what it held is still queued."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the ledger writer failed with %d charges queued (kept); restarting it", len(self._settles),
+                  exc_info=task.exception())
+        if not self._closing:
+            self._loop.call_later(self.retry_seconds, self._restart_writer)
+
+    def _restart_writer(self) -> None:
+        if not self._closing and self._task.done():
+            self._start_writer()
             self._wake.set()
 
     def reserve_now(self, request: HoldRequest) -> Admission | None:
@@ -98,6 +170,8 @@ class Ledger:
 
         Charges queued between two writes share one future: to wait for it with a timeout, wrap it in
         asyncio.shield(), or the timeout cancels it for the others too."""
+        if not 0.0 <= charge.cost < INF:  # NaN, infinite or negative: a bad price must not lower anyone's spend
+            charge.cost = safe_cost(charge)
         if self.books is not None:
             self.books.settle(charge)
             if charge.kind == "release":  # the hold lived only in memory: nothing to write
@@ -105,6 +179,8 @@ class Ledger:
                 fut.set_result(None)
                 return fut
             charge.hold_id = None  # not a row in the store
+        if not charge.charge_id:
+            charge.charge_id = f"{self._id_prefix}{self._next_id()}"
         self._settles.append(charge)
         self._queued += 1
         self._wake.set()
@@ -147,19 +223,26 @@ class Ledger:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            if self.books is not None and not (self._closing or self._loads) and len(self._settles) < MAX_BATCH:
-                # nobody waits on these writes, so gather more into one transaction; a user's first
-                # request, which waits for its spend to be read, cuts the wait short
-                self._hurry.clear()
+            if (self.books is not None and not (self._closing or self._loads or self._hurry.is_set())
+                    and len(self._settles) < MAX_BATCH):
+                # nobody waits on these writes, so gather more into one transaction; a flush, or a user's
+                # first request, which waits for its spend to be read, cuts the wait short (or skips it)
                 timer = asyncio.get_running_loop().call_later(LINGER, self._hurry.set)
                 await self._hurry.wait()
                 timer.cancel()
+            self._hurry.clear()  # only now: a hurry asked for before the linger began counts
             self._wake.clear()
-            due = self._closing or time.monotonic() >= self._settle_after
+            # admissions waiting: try the charges now, retry due or not, since the holds they release decide them
+            due = self._closing or bool(self._reserves) or time.monotonic() >= self._settle_after
             written = await self._write_settles() if due else False
             if due:
                 self._settle_failing = not written
-            await self._write_reserves()
+                if written:  # back: the next charges need not wait for a retry that was due later
+                    self._settle_after = 0.0
+            if self._reserves and self._settle_failing and self._settles:
+                self._refuse_reserves()
+            else:
+                await self._write_reserves()
             await self._load_books()
             if self._closing and (not written or not self._settles):
                 return  # at shutdown, what the store will not take is spooled by close()
@@ -168,13 +251,13 @@ class Ledger:
                 asyncio.get_running_loop().call_later(self.retry_seconds, self._wake.set)
 
     async def _write_settles(self) -> bool:
-        """Write queued charges; False if the store refused them (they stay queued)."""
+        """Write queued charges; False if the store is unavailable (they stay queued)."""
         while self._settles:
             self._open_mark = None  # charges queued from now on wait for the next pass
             batch = self._settles[:MAX_BATCH]
             try:
-                await self.store.settle(batch)
-            except Exception as e:  # keep the charges and try again: money is never dropped
+                await self._write_batch(batch)
+            except StoreUnavailable as e:  # keep the charges and try again: money is never dropped
                 log.error("could not write %d charges (%s); retrying in %.0fs", len(batch), e, self.retry_seconds)
                 return False
             del self._settles[:len(batch)]
@@ -185,6 +268,41 @@ class Ledger:
                 if not done.done():
                     done.set_result(None)
         return True
+
+    async def _write_batch(self, batch: list[Charge]) -> None:
+        """Write a batch; when the store refuses a row, halve it until that row is alone and set it aside."""
+        try:
+            await self.store.settle(batch)
+        except RowRefused as e:
+            if len(batch) == 1:
+                self._reject(batch[0], e)
+                return
+            half = len(batch) // 2  # halves of a refused batch: nothing of it was written
+            await self._write_batch(batch[:half])
+            await self._write_batch(batch[half:])
+
+    def _reject(self, charge: Charge, error: RowRefused) -> None:
+        """Append a charge the store refuses to the rejected file, so that the charges after it are written."""
+        where = self.rejected_path
+        try:
+            if where:
+                append_lines(where, [spool_line(charge, error=str(error))], self._held)
+        except OSError as e:
+            log.error("could not append to %s: %s", where, e)
+            where = None
+        # the error's text can quote the row (a model name is the caller's text): the file has it, the log has its kind
+        kind = type(error.__cause__ or error).__name__
+        log.error("charge %s for %s (cost %r) refused by the store (%s): set aside in %s", charge.charge_id,
+                  charge.email, charge.cost, kind, where or f"this line (no spool folder): {spool_line(charge)}")
+
+    def _refuse_reserves(self) -> None:
+        """Admissions while charges cannot be written: 503, as the store would likely answer anyway."""
+        self._down_until = time.monotonic() + self.retry_seconds
+        err = StoreUnavailable("charges could not be written")
+        for _, f in self._reserves:
+            if not f.done():
+                f.set_exception(err)
+        self._reserves = []
 
     async def _write_reserves(self) -> None:
         while self._reserves:
@@ -200,6 +318,8 @@ class Ledger:
                 for _, f in live:
                     if not f.done():
                         f.set_exception(err)
+                for hold_id, email in getattr(e, "placed", ()):  # holds of a commit whose answer was lost
+                    self.settle(Charge(email=email, day=date.today(), cost=0.0, hold_id=hold_id, kind="release"))
                 continue
             for (_, f), admission in zip(live, results):
                 if not f.done():
@@ -231,38 +351,129 @@ class Ledger:
         self._closing = True
         self._wake.set()
         self._hurry.set()
-        if self._task is not None:
+        if self._loop is not None:
+            if self._task is None or self._task.done():
+                self._start_writer()  # the writer failed: one more try before spooling
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except asyncio.TimeoutError:
                 self._task.cancel()
-        if self._settles:
-            self._write_spool(self._settles)
-            self._settles = []
+            except Exception:
+                pass  # logged as the writer ended
+        spooled = not self._settles or self._write_spool(self._settles)
+        self._settles = []
+        self._let_go_of_spools(delete=spooled, keep=self.spool_path)  # what they still held is in our own file now
         for _, f in self._reserves + self._loads:
             if not f.done():
                 f.set_exception(StoreUnavailable("server is shutting down"))
 
-    def _write_spool(self, charges: list[Charge]) -> None:
+    def _write_spool(self, charges: list[Charge]) -> bool:
+        """Append charges to this process's spool file; whether they are safely there."""
         if not self.spool_path:
-            log.error("%d charges could not be written and no spool file is set", len(charges))
-            return
-        with open(self.spool_path, "a", encoding="utf-8") as f:
-            for c in charges:
-                row = asdict(c)
-                row["day"] = c.day.isoformat()
-                f.write(json.dumps(row) + "\n")
+            log.error("%d charges could not be written and there is no spool folder", len(charges))
+            return False
+        try:
+            append_lines(self.spool_path, [spool_line(c) for c in charges], self._held)
+        except OSError as e:
+            log.error("could not spool %d unwritten charges to %s: %s", len(charges), self.spool_path, e)
+            return False
         log.warning("spooled %d unwritten charges to %s; they are replayed at next start", len(charges), self.spool_path)
+        return True
 
-    def _read_spool(self) -> list[Charge]:
-        if not self.spool_path or not os.path.exists(self.spool_path):
-            return []
-        with open(self.spool_path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        os.replace(self.spool_path, self.spool_path + ".replayed")
-        charges = [Charge(**{**r, "day": date.fromisoformat(r["day"])}) for r in rows]
-        log.warning("replaying %d spooled charges from %s", len(charges), self.spool_path)
+    def _read_spools(self) -> list[Charge]:
+        """The charges of every spool file of this store that no other process holds; each file stays locked."""
+        if self.spool_dir:
+            paths = sorted(glob.glob(os.path.join(glob.escape(self.spool_dir), SPOOL_FILES)))
+        else:
+            paths = [self.spool_path] if self.spool_path and os.path.exists(self.spool_path) else []
+        charges: list[Charge] = []
+        for path in paths:
+            f = lock_for_replay(path)
+            if f is None:
+                continue  # being written or replayed by another process: left to it
+            self._held[path] = f
+            f.seek(0)
+            found = [c for c in (self._spooled_charge(line, path) for line in f if line.strip()) if c is not None]
+            log.warning("replaying %d spooled charges from %s", len(found), path)
+            charges += found
         return charges
+
+    def _spooled_charge(self, line: str, path: str) -> Charge | None:
+        """A spool line as a Charge; one that cannot be read goes to the rejected file."""
+        try:
+            return spooled_charge(line)
+        except (ValueError, TypeError, KeyError) as e:
+            log.error("unreadable line in %s (%s): set aside in %s", path, type(e).__name__, self.rejected_path)
+            try:
+                append_lines(self.rejected_path, [json.dumps({"line": line.rstrip("\n"), "error": str(e)})], self._held)
+            except OSError as oe:
+                log.error("could not append to %s: %s", self.rejected_path, oe)
+            return None
+
+    def _let_go_of_spools(self, delete: bool, keep: str | None = None) -> None:
+        """Unlock the spool files being replayed, deleting them (but keep) first if delete: their charges are safe."""
+        held, self._held = self._held, {}
+        for path, f in held.items():
+            if delete and path != keep:
+                try:
+                    os.unlink(path)  # before unlocking: a process that then takes the lock finds no file
+                except OSError as e:
+                    log.error("could not delete the replayed spool file %s: %s", path, e)
+            f.close()
+
+
+def spool_line(c: Charge, **extra) -> str:
+    """A charge as one JSON line of a spool (or rejected) file."""
+    row = asdict(c)
+    row["day"] = c.day.isoformat() if isinstance(c.day, date) else c.day
+    return json.dumps({**row, **extra}, default=repr)
+
+
+def spooled_charge(line: str) -> Charge:
+    """A spool line as a Charge; a line without an id (an older version's) gets one made from its text, so
+    replaying it twice still bills it once."""
+    row = json.loads(line)
+    charge = Charge(**{k: v for k, v in row.items() if k in CHARGE_FIELDS and k != "day"},
+                    day=date.fromisoformat(row["day"]))
+    if not charge.charge_id:
+        charge.charge_id = "spool-" + hashlib.sha256(line.strip().encode()).hexdigest()[:32]
+    return charge
+
+
+def lock_for_replay(path: str):
+    """The file opened and exclusively locked, or None if another process holds it or it is gone."""
+    try:
+        f = open(path, "a+", encoding="utf-8")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    if os.fstat(f.fileno()).st_nlink == 0:  # replayed and deleted by another process meanwhile
+        f.close()
+        return None
+    return f
+
+
+def append_lines(path: str, lines: list[str], held: dict) -> None:
+    """Append whole lines under an exclusive flock (through the open file if this process holds it) and fsync."""
+    data = "".join(line + "\n" for line in lines)
+    f = held.get(path)
+    if f is not None:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        return
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, data.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def admission_email(batch: list[tuple[HoldRequest, asyncio.Future]], fut: asyncio.Future) -> str:

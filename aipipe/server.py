@@ -19,6 +19,7 @@ from .gateway import Gateway
 from .handlers import routes
 from .handlers.lean import LeanApplication
 from .handlers.page_base import template_environment
+from .ledger import spool_dir
 from .listener import GatewayHTTPServer
 from .logs import line_writer, write_each_line
 from .storage import StoreConfigError, mask_url, open_store, url_scheme
@@ -74,7 +75,7 @@ async def _serve(config: Config, sockets, spool_path: str, processes: int) -> No
         raise SystemExit(1) from None
     sockname = sockets[0].getsockname()
     log.info("AI Pipe listening on http://%s:%d (storage %s)", sockname[0], sockname[1], mask_url(config.get("storage.url")))
-    gateway = Gateway(config, store, spool_path=spool_path, processes=processes)
+    gateway = Gateway(config, store, spool_dir=spool_path, processes=processes)
     try:
         await gateway.start()
     except StoreConfigError as e:
@@ -135,7 +136,7 @@ def run(config: Config, host: str, port: int, processes: int = 1) -> None:
         parent = os.getpid()
         task_id = tornado.process.fork_processes(processes)
         _stop_with_parent(parent)
-    spool = os.path.abspath(f"aipipe-unsettled{'' if task_id is None else f'-{task_id}'}.jsonl")
+    spool = spool_dir(config.get("storage.url"))  # one folder per store, shared by its processes (aipipe.ledger)
     _install_fast_loop()
     try:
         asyncio.run(_serve(config, sockets, spool, processes))
