@@ -259,7 +259,7 @@ def test_minute_soak_on_sqlite_bills_exactly_what_the_providers_reported(slow_on
     assert_books_match(procs, load, *sqlite_ledger(str(db)))
 
 
-KILL_SLACK = 0.4  # seconds beyond LINGER for the fake's last write to reach the gateway and its batch to commit
+KILL_SLACK = 0.15  # seconds beyond LINGER for the fake's last write to reach the gateway and its batch to commit
 
 
 @pytest.mark.slow
@@ -286,6 +286,8 @@ def test_sigkill_under_load_loses_at_most_the_last_write_window(slow_only, tmp_p
         late = [r for r in ended if r["t"] >= kill - LINGER - KILL_SLACK]  # finished in the last window, or after
         in_flight = len(started) - len(ended)
         lost = len(ended) - len(rows)
+        print(f"SIGKILL: {lost} of {len(ended)} reported charges lost; bound {len(late)} finished late + {in_flight} in flight",
+              [sum(r["t"] >= kill - w for r in ended) for w in (0, 0.05, 0.1, 0.15, 0.2, 0.3)])
         assert 0 <= lost <= len(late) + in_flight, (lost, len(late), in_flight)
         billed = collections.Counter((p, i, o) for p, i, o, _ in rows)
         reported = collections.Counter((r["provider"], r["input"], r["output"]) for r in ended)
