@@ -63,11 +63,9 @@ def spool_dir(store_url: str, state_dir: str | None = None) -> str | None:
         path = sqlite_path(store_url)
         return None if path == ":memory:" else os.path.abspath(path) + ".spool"
     parts = urlsplit(store_url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = netloc[-1].lower()
-    user = netloc[0].split(":", 1)[0] + "@" if len(netloc) == 2 else ""
+    host = f"{parts.username or ''}@{(parts.hostname or '').lower()}:{parts.port or 5432}"
     query = urlencode(sorted((k, v) for k, v in parse_qsl(parts.query) if k not in NOT_IDENTITY and k != "password"))
-    identity = urlunsplit(("postgresql", user + host, parts.path, query, ""))
+    identity = urlunsplit(("postgresql", host, parts.path, query, ""))
     base = state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or os.getcwd()
     return os.path.join(base, "aipipe-spool-" + hashlib.sha256(identity.encode()).hexdigest()[:16])
 
@@ -443,7 +441,7 @@ def spooled_charge(line: str) -> Charge:
 def lock_for_replay(path: str):
     """The file opened and exclusively locked, or None if another process holds it or it is gone."""
     try:
-        f = open(path, "a+", encoding="utf-8")
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_APPEND), "a+", encoding="utf-8")  # not created if gone
     except OSError:
         return None
     try:
@@ -470,7 +468,9 @@ def append_lines(path: str, lines: list[str], held: dict) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, data.encode("utf-8"))
+        view = memoryview(data.encode("utf-8"))
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from datetime import date
 
@@ -77,6 +78,8 @@ async def test_unwritten_charges_are_spooled_at_shutdown_and_replayed(tmp_path):
         assert await store.spend("m@example.com", date(2026, 1, 1)) == pytest.approx(0.5)
         rows = await store.ledger()
         assert sorted(r["cost"] for r in rows) == [0.125, 0.5]
+        assert "unsettled.jsonl" not in os.listdir(tmp_path)  # deleted once its charges are written
+        assert not any(name.endswith(".replayed") for name in os.listdir(tmp_path))
     finally:
         await again.close()
         await store.close()

@@ -234,7 +234,9 @@ def test_spool_folder_belongs_to_its_store(tmp_path, monkeypatch):
     assert spool_dir("sqlite:///:memory:") is None
     pg = spool_dir("postgresql://ai:pw1@db.example:5432/aipipe?schema=s1")
     assert os.path.dirname(pg) == str(tmp_path) and "pw1" not in pg and "aipipe-spool-" in pg
-    assert spool_dir("postgresql://ai:other@DB.example:5432/aipipe?schema=s1&connect_timeout=2") == pg
+    assert spool_dir("postgresql://ai:other@DB.example/aipipe?schema=s1&connect_timeout=2") == pg
+    assert spool_dir("postgres://ai@db.example:5432/aipipe?application_name=x&schema=s1") == pg
+    assert spool_dir("postgresql://ai@db.example:5433/aipipe?schema=s1") != pg
     assert spool_dir("postgresql://ai:pw1@db.example:5432/aipipe?schema=s2") != pg
     assert spool_dir("postgresql://ai:pw1@db.example:5432/other?schema=s1") != pg
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/aipipe:/var/lib/more")
