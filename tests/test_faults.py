@@ -455,3 +455,55 @@ async def test_client_aborting_mid_stream_is_still_billed_the_reported_usage(mak
     upstream.state.event_delay = 0
     r = await call(base + path, "POST", json=body, token=token(email))
     assert r.code == 200
+
+
+# -- a kept-alive connection the provider resets as it is reused ----------------------------------------------
+
+async def resetting_provider():
+    """A provider that keeps its connection open after an answer, then resets it (RST, as a provider closing an idle
+    connection does when a request is already on its way) when a second request arrives on it."""
+    import socket
+    import struct
+
+    async def handle(reader, writer):
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                if served:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
+                served += 1
+                body = orjson.dumps(chat_answer(OK_SENT))
+                writer.write(http_head(ctype="application/json", length=len(body)).replace(
+                    b"Connection: close\r\n", b"") + body)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a POST on a reused connection that the provider resets (ECONNRESET, "
+                   "aiohttp's ClientOSError) is not sent again as a stale connection's is; the client gets 502 "
+                   "'Could not reach openai: ClientOSError'")
+@pytest.mark.gen_test(timeout=60)
+async def test_a_reused_connection_reset_by_the_provider_is_retried_not_a_502(make_gateway, serve, call):
+    server = await resetting_provider()
+    try:
+        port = server.sockets[0].getsockname()[1]
+        gw = await make_gateway(providers={"openai": {"base_url": f"http://127.0.0.1:{port}"}})
+        base = serve(gw)
+        for _ in range(2):
+            r = await call(base + CHAT, "POST", json=chat(), token=token("reset@example.com"))
+            assert r.code == 200, r.body
+        rows = await charges(gw, "reset@example.com")
+        assert [row["cost"] for row in rows] == [pytest.approx(price_of("openai", OPENAI_MODEL, Usage(40, 9)),
+                                                               abs=1e-9)] * 2
+    finally:
+        server.close()
