@@ -223,3 +223,12 @@ async def test_two_gateways_on_one_postgres_schema_share_the_bound(store_kind, m
     rows = [r for r in await gateways[0].store.ledger(USER, limit=1000) if r["kind"] == "request"]
     assert len(rows) == len(ok)
     assert await gateways[1].store.spend(USER, today_utc()) <= 1.0 + 1e-9
+
+
+@pytest.mark.gen_test
+async def test_a_gemini_body_that_may_pass_200k_tokens_is_held_at_the_long_prompt_price(gateway):
+    from aipipe.providers.gemini import PROVIDER as GEMINI
+    body = orjson.dumps({"contents": [{"parts": [{"text": "x" * 250_000}]}], "generationConfig": {"maxOutputTokens": 100}})
+    call = Call("POST", "/models/gemini-2.5-pro:generateContent", "", HTTPHeaders({"Content-Type": "application/json"}), body)
+    await GEMINI.prepare(call, gateway)
+    assert call.hold == pytest.approx(len(body) * 2.5e-6 + 100 * 15e-6, abs=1e-12)  # gemini-2.5-pro>200k prices
