@@ -81,3 +81,12 @@ def test_negative_or_odd_counts_never_credit_the_user():
     assert cost_of(TABLE.lookup("openai", "gpt-4o-mini"), usage) == 0
     gemini = read_usage({"usageMetadata": {"promptTokenCount": -7, "candidatesTokenCount": 4}})
     assert (gemini.input_tokens, gemini.output_tokens) == (0, 4)
+
+
+@pytest.mark.parametrize("provider,model,most", [
+    ("openai", "gpt-4o-mini-2024-07-18", 16384), ("openai", "gpt-4.1", 32768), ("openai", "o4-mini", 100000),
+    ("openai", "gpt-5", 128000), ("gemini", "gemini-2.5-flash", 65536), ("gemini", "gemini-2.5-pro>200k", 65536),
+    ("openai", "gpt-4-32k", 0)])  # 0: not known, limits.default_max_output_tokens applies
+def test_the_table_ships_each_models_maximum_output(provider, model, most):
+    price = TABLE.lookup(provider, model)
+    assert price.max_output == most and type(price.max_output) is int
