@@ -18,6 +18,7 @@ from .budget import over_budget_message, today_utc, utc_date, window_start
 from .config import Budget, Config
 from .errors import ApiError
 from .ledger import Ledger
+from .metrics import Metrics
 from .pricing import PriceTable
 from .providers.base import Call
 from .providers.openrouter import ModelCatalog
@@ -26,6 +27,8 @@ from .upstream import Upstream
 
 log = logging.getLogger("aipipe")
 STORE_DOWN = "Usage store unavailable, try again shortly"
+HEALTH_SECONDS = 1.0  # /healthz asks the store at most this often
+HEALTH_TIMEOUT = 2.0
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Gateway:
         self._catalog: ModelCatalog | None = None
         self._windows: dict[str, tuple[date, Budget, date]] = {}  # email -> (today, budget, window start)
         self._tasks: list[asyncio.Task] = []
+        self.metrics = Metrics()
+        self._health: tuple[float, str | None] = (float("-inf"), None)  # (when checked, what was wrong)
 
     @property
     def books(self) -> Books | None:
@@ -106,6 +111,22 @@ class Gateway:
                     self.books.forget_spend()
             except Exception as e:
                 log.warning("checking the store for outside writes failed: %s", e)
+
+    async def health(self) -> str | None:
+        """None while the store answers and charges are being written, else what is wrong (checked at most once a
+        second, however often it is polled)."""
+        now = time.monotonic()
+        if now - self._health[0] < HEALTH_SECONDS:
+            return self._health[1]
+        self._health = (now, self._health[1])  # callers arriving during the check get the last answer
+        try:
+            await asyncio.wait_for(self.store.spend("", today_utc()), HEALTH_TIMEOUT)
+            problem = "charges cannot be written to the store" if getattr(self.ledger, "_settle_failing", False) else None
+        except Exception as e:
+            problem = "usage store unavailable"
+            log.warning("health check: the store did not answer: %s", type(e).__name__)
+        self._health = (time.monotonic(), problem)
+        return problem
 
     async def held(self, email: str) -> float:
         """USD held right now by email's requests in flight."""
@@ -175,16 +196,16 @@ class Gateway:
         budget, since = self._window(email)
         return budget, HoldRequest(email, hold, since, budget.limit, self._max_inflight, self._rpm, self._hold_seconds)
 
-    @staticmethod
-    def _store_down(error: StoreUnavailable) -> ApiError:
+    def _store_down(self, error: StoreUnavailable) -> ApiError:
+        self.metrics.store_errors.inc()
         log.error("store unavailable while admitting a request: %s", error)
         return ApiError(503, STORE_DOWN)
 
-    @staticmethod
-    def _admitted(admission: Admission, request: HoldRequest, budget: Budget) -> Admission:
+    def _admitted(self, admission: Admission, request: HoldRequest, budget: Budget) -> Admission:
         """The admission, or the 429 that tells why it was refused."""
         if admission.refused is None:
             return admission
+        self.metrics.child(self.metrics.refusals, admission.refused).inc()
         if admission.refused == "budget":
             raise ApiError(429, over_budget_message(admission.spent + admission.held, budget, request.amount))
         if admission.refused == "concurrency":
@@ -211,6 +232,9 @@ class Gateway:
         """Queue the call's charge (or just release its hold when it cost nothing)."""
         billed = call.billable and (200 <= outcome.status < 300 or outcome.cut)
         usage, now = outcome.usage, time.time()
+        if billed:
+            self.metrics.charged(provider, outcome.cost, usage.input_tokens if usage else 0,
+                                 usage.output_tokens if usage else 0)
         return self.ledger.settle(Charge(  # by position, the quickest way to build one
             email, utc_date(now), outcome.cost if billed else 0.0, admission.hold_id, "request" if billed else "release",
             provider, call.model, usage.input_tokens if usage else 0, usage.output_tokens if usage else 0,

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 
 import tornado.netutil
@@ -22,6 +23,7 @@ from .handlers.page_base import template_environment
 from .ledger import spool_dir
 from .listener import GatewayHTTPServer
 from .logs import line_writer, write_each_line
+from .metrics import Metrics, use_multiprocess_folder, worker_exited
 from .storage import StoreConfigError, mask_url, open_store, url_scheme
 
 log = logging.getLogger("aipipe")
@@ -42,9 +44,19 @@ def access_logger() -> Callable[[tornado.web.RequestHandler], None]:
     return log_request
 
 
+def counted(log_request: Callable[[tornado.web.RequestHandler], None], metrics: Metrics):
+    """log_request, after counting the request in metrics; /healthz polls that succeed are not logged."""
+    def log_and_count(handler: tornado.web.RequestHandler) -> None:
+        route, status = getattr(handler, "route_class", "other"), handler.get_status()
+        metrics.request_done(getattr(handler, "provider_name", ""), route, status)
+        if route != "health" or status >= 400:
+            log_request(handler)
+    return log_and_count
+
+
 def make_app(gateway: Gateway, **settings) -> tornado.web.Application:
     """The Tornado application for a gateway; extra settings go to Application."""
-    return LeanApplication(routes(gateway), log_function=access_logger(), gateway=gateway,
+    return LeanApplication(routes(gateway), log_function=counted(access_logger(), gateway.metrics), gateway=gateway,
                            jinja=template_environment(), max_body_bytes=gateway.config.get("server.max_body_bytes"),
                            **settings)
 
@@ -67,7 +79,7 @@ def _install_fast_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: Config, sockets, spool_path: str, processes: int) -> None:
+async def _serve(config: Config, sockets, processes: int) -> None:
     try:
         store = await open_store(config.get("storage.url"), config.get("storage.pool_min"), config.get("storage.pool_max"))
     except StoreConfigError as e:
@@ -75,7 +87,8 @@ async def _serve(config: Config, sockets, spool_path: str, processes: int) -> No
         raise SystemExit(1) from None
     sockname = sockets[0].getsockname()
     log.info("AI Pipe listening on http://%s:%d (storage %s)", sockname[0], sockname[1], mask_url(config.get("storage.url")))
-    gateway = Gateway(config, store, spool_dir=spool_path, processes=processes)
+    # one spool folder per store, shared by its processes (aipipe.ledger); the URL is known to parse by now
+    gateway = Gateway(config, store, spool_dir=spool_dir(config.get("storage.url")), processes=processes)
     try:
         await gateway.start()
     except StoreConfigError as e:
@@ -94,6 +107,9 @@ async def _serve(config: Config, sockets, spool_path: str, processes: int) -> No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal (the parent passes it on too) changes nothing
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     drain = config.get("server.drain_seconds")
     log.info("shutting down: no new connections; %d requests open get up to %.0f s to finish",
              app.open_requests.count(), drain)
@@ -105,7 +121,8 @@ async def _serve(config: Config, sockets, spool_path: str, processes: int) -> No
         log.warning("some connections were still open 5 s after the drain")
     await gateway.close()
     await store.close()
-    log.info("stopped; every charge written or spooled")
+    worker_exited(os.getpid())
+    log.info("stopped")
 
 
 def _stop_with_parent(parent: int) -> None:
@@ -119,6 +136,42 @@ def _stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _workers_of(parent: int) -> list[int]:
+    """The pids of parent's child processes (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+_stopping: list[int] = []  # in the parent of workers: the stop signals it received
+
+
+def _pass_stop_to_workers() -> None:
+    """In the parent of forked workers: SIGTERM or SIGINT is handed to every worker, each of which drains and exits 0,
+    after which Tornado's fork_processes exits 0 too (rather than the parent dying at once and leaving its
+    workers to be told by PR_SET_PDEATHSIG)."""
+    parent = os.getpid()
+
+    def handle(sig, frame) -> None:
+        if os.getpid() != parent:  # a worker between fork and its own handlers: stop as a worker does
+            raise SystemExit(0)
+        _stopping.append(sig)  # a worker Tornado restarts from now on stops at once (run() checks this)
+        for pid in _workers_of(parent):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
 def run(config: Config, host: str, port: int, processes: int = 1) -> None:
     """Bind, optionally fork worker processes, and serve until SIGTERM/SIGINT."""
     try:
@@ -126,19 +179,22 @@ def run(config: Config, host: str, port: int, processes: int = 1) -> None:
     except OSError as e:  # port taken (another server?) or address not on this machine
         log.error("cannot listen on %s:%d: %s", host, port, e.strerror or e)
         raise SystemExit(1) from None
-    task_id = None
     if processes > 1 and url_scheme(config.get("storage.url")) == "sqlite":
         log.warning("%d processes on one SQLite file admit every call through the file, which measured slower than one "
                     "process on its own (README, Performance); PostgreSQL is what scales across processes", processes)
     if processes > 1:
+        # one scrape of /metrics shows every worker: their values go to files in one folder
+        use_multiprocess_folder(os.path.join(tempfile.gettempdir(), f"aipipe-metrics-{os.getpid()}"))
         write_each_line()  # the workers share standard error: one whole line per write
         gc.freeze()  # what the parent loaded stays shared with the workers instead of being copied by the collector
         parent = os.getpid()
-        task_id = tornado.process.fork_processes(processes)
+        _pass_stop_to_workers()
+        tornado.process.fork_processes(processes)
+        if _stopping:  # restarted by Tornado while the parent was stopping: nothing to serve
+            raise SystemExit(0)
         _stop_with_parent(parent)
-    spool = spool_dir(config.get("storage.url"))  # one folder per store, shared by its processes (aipipe.ledger)
     _install_fast_loop()
     try:
-        asyncio.run(_serve(config, sockets, spool, processes))
+        asyncio.run(_serve(config, sockets, processes))
     except KeyboardInterrupt:
         sys.exit(0)

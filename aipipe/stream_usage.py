@@ -11,7 +11,7 @@ import re
 import orjson
 
 from .sse import event_data, one_data_line, simple_data_length
-from .usage import Usage, read_usage
+from .usage import Usage, parse_answer, read_usage
 
 _NAMED_USAGE = re.compile(rb'"usage"(?!:null)')
 
@@ -29,10 +29,7 @@ def event_usage(raw: bytes) -> Usage | None:
     data = _usage_data(raw)
     if data is None:
         return None
-    try:
-        return read_usage(orjson.loads(data))
-    except orjson.JSONDecodeError:
-        return None
+    return read_usage(parse_answer(data))
 
 
 def may_report_usage(region: bytes, length: int | None) -> bool:

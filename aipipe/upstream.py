@@ -92,8 +92,11 @@ class Upstream:
                                 await pending
                     return None
                 except (aiohttp.ClientError, OSError) as error:
-                    stale = (isinstance(error, aiohttp.ServerDisconnectedError) and method not in IDEMPOTENT
-                             and loop.time() - sent < STALE_WINDOW)
+                    # a kept-alive connection the provider closed shows as a disconnect, or as a reset while
+                    # the request was being written (aiohttp's ClientOSError)
+                    stale = (isinstance(error, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
+                             and not isinstance(error, aiohttp.ClientConnectorError)
+                             and method not in IDEMPOTENT and loop.time() - sent < STALE_WINDOW)
                     if started or attempt == 2 or not stale:
                         return error
                 except TimeoutError as error:  # aiohttp's connect timeout
@@ -175,6 +178,9 @@ def describe(error: BaseException) -> str:
         return "the connection closed before the answer was complete"
     if isinstance(error, aiohttp.ClientPayloadError):
         return "the answer was cut short"
+    if isinstance(error, aiohttp.ClientOSError):
+        number = getattr(error, "errno", None)
+        return f"the connection failed ({os.strerror(number) if number else 'reset'})"
     if isinstance(error, aiohttp.ClientResponseError):
         return "the answer was not valid HTTP"
     return type(error).__name__

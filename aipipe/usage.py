@@ -1,8 +1,11 @@
 """Reading token usage out of provider answers, whatever spelling the provider uses."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+
+import orjson
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass takes three times as long to create
@@ -21,6 +24,22 @@ class Usage:
     model: str = ""
 
 
+def parse_answer(data: bytes):
+    """A provider's JSON (an answer or an event's data), or None when it is not JSON.
+
+    orjson refuses NaN, Infinity and numbers too large for a float, which Python's json (and so a provider
+    written in Python) writes; such an answer is read again with the json module rather than losing its usage,
+    and the odd numbers are then judged where they are read (never a credit)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _int(d: dict | None, *keys: str) -> int:
     """The first of keys that holds a number, as a count: 0 when absent or negative (a credit is never billed)."""
     if not isinstance(d, dict):
@@ -30,7 +49,7 @@ def _int(d: dict | None, *keys: str) -> int:
         if v.__class__ is int:  # the usual case, tested first (bool, a subclass of int, is not a count)
             return v if v > 0 else 0
         if isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)):
-            return max(0, int(v))
+            return int(v) if 0 < v < math.inf else 0  # NaN, infinities and negatives count nothing
     return 0
 
 
@@ -72,7 +91,9 @@ def _openai_usage(u: dict, model: str) -> Usage:
         usage.audio_output_tokens = _int(details, "audio_tokens")
         usage.reasoning_tokens = _int(details, "reasoning_tokens")
     if u.get("type") == "duration":  # Whisper's usage for audio it was sent
-        usage.seconds = float(u.get("seconds") or 0)
+        seconds = u.get("seconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 < seconds < math.inf:
+            usage.seconds = float(seconds)
     cost = u.get("cost")  # OpenRouter's own figure
     # a negative, infinite or NaN figure is no figure: the tokens are priced instead (never a credit)
     if isinstance(cost, (int, float)) and not isinstance(cost, bool) and 0 <= cost < math.inf:

@@ -195,8 +195,6 @@ JSON_VALUES = st.recursive(
     max_leaves=25)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read_usage raises ValueError/TypeError on Whisper-style usage whose "
-                   "'seconds' is not a number, and passes a negative 'seconds' (a credit) through")
 @settings(max_examples=500, deadline=None)
 @example({"usage": {"type": "duration", "seconds": "ninety"}})
 @example({"usage": {"type": "duration", "seconds": -90}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .admin import AdminHandler
 from .base import NotFoundHandler
 from .fetch_proxy import proxy_routes
+from .ops import HealthHandler, MetricsHandler
 from .pages import page_routes
 from ..providers import PROVIDERS
 from .proxy import ProviderHandler
@@ -20,6 +21,8 @@ def routes(gateway) -> list:
     return [
         (rf"/({known})/(.*)", ProviderHandler, deps),
         (r"/usage/?", UsageHandler, deps),
+        (r"/healthz", HealthHandler, deps),
+        (r"/metrics", MetricsHandler, deps),
         (r"/admin/([^/]+)/?", AdminHandler, deps),  # /admin/ itself is the admin page (page_routes)
         *token_routes(gateway),
         *page_routes(gateway),

@@ -37,6 +37,9 @@ def parse_email(value, name: str = "email") -> str:
 class AdminHandler(ApiHandler):
     """Admin actions; non-admins get 403."""
 
+    route_class = "admin"  # for metrics
+    token_before_body = True  # a body is refused before it is read when the token is missing or bad
+
     async def prepare(self) -> None:
         if self.request.method == "OPTIONS":
             return

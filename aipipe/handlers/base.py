@@ -55,6 +55,8 @@ class ApiHandler(tornado.web.RequestHandler):
     """JSON API handler with CORS and uniform errors; dependencies arrive via initialize()."""
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    route_class = "api"  # the label of its requests in metrics
+    token_before_body = False  # whether a body is refused (401) before it is read when the token is bad
 
     def __init__(self, application, request, **kwargs: Any) -> None:
         super().__init__(application, request, **kwargs)

@@ -109,6 +109,8 @@ def proxy_routes(gateway) -> list:
 class FetchProxyHandler(ApiHandler):
     """Relays any method to the target URL and streams the answer back."""
 
+    route_class = "proxy"  # for metrics
+
     def initialize(self, gateway, client: ProxyClient) -> None:
         super().initialize(gateway)
         self.client = client

@@ -80,7 +80,7 @@ class Intake:
         if error is None and token_needed and ("Content-Length" in self.request.headers
                                                or "Transfer-Encoding" in self.request.headers):
             try:
-                self.kwargs["gateway"].identify(self.request.headers, allow_native=False)
+                self.kwargs["gateway"].identify(self.request.headers)  # the handler itself says who else may not
             except ApiError as e:
                 error = e
         if error is not None:

@@ -37,6 +37,8 @@ def static_path() -> str:
 class PageHandler(tornado.web.RequestHandler):
     """A server-rendered HTML page; errors render as HTML too."""
 
+    route_class = "page"  # for metrics
+
     SUPPORTED_METHODS = ("GET", "HEAD")
     csp = CSP
     # GIS needs the page's origin as referrer on http://localhost, so /login relaxes this
@@ -86,6 +88,7 @@ class PageHandler(tornado.web.RequestHandler):
 
 
 class StaticHandler(tornado.web.StaticFileHandler):
+    route_class = "static"  # for metrics
     """ui/static, importable from any origin: apps load /aipipe.js cross-origin as an ES module."""
 
     def set_default_headers(self) -> None:

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Awaitable
 
-import orjson
 from tornado.escape import url_unescape
 from tornado.iostream import StreamClosedError
 
@@ -29,6 +28,7 @@ from ..stream_usage import (
     usage_only,
 )
 from ..upstream import Headers, describe, header, is_timeout
+from ..usage import parse_answer
 from .base import INVALID_URL, ApiHandler, copy_upstream_headers
 from .lean import LeanCall
 
@@ -47,6 +47,8 @@ DROP_RESPONSE_HEADERS = frozenset({
 KEY_REJECTED = "provider credentials misconfigured"
 class ProviderCall(LeanCall):
     """Relays one call to a provider and bills its usage."""
+
+    route_class = "provider"  # for metrics
 
     def initialize(self, gateway: Gateway) -> None:
         self.gw = gateway
@@ -85,6 +87,7 @@ class ProviderCall(LeanCall):
         self.call, self.outcome, self.native = call, Outcome(), native
         self.outcome.aborted = self._client_gone  # left while the call was being prepared or admitted
         self._priced = False  # outcome.cost is final (a JSON answer, priced for its X-AIPipe-Cost header)
+        self._stream_gauge = None  # the open-streams gauge while this call relays an event stream
         try:
             await self._forward(key)
         except asyncio.CancelledError:
@@ -93,6 +96,8 @@ class ProviderCall(LeanCall):
             self.outcome.cut = self.outcome.aborted = True
             raise
         finally:
+            if self._stream_gauge is not None:
+                self._stream_gauge.dec()
             if not self._priced:
                 self.outcome.cost = self._cost()
             if admission is not None:
@@ -119,6 +124,8 @@ class ProviderCall(LeanCall):
             call.body if call.method not in NO_BODY_METHODS else None,
             connect_timeout=min(30.0, timeout), timeout=timeout,
             on_start=self._on_response_start, on_chunk=self._on_chunk)
+        metrics = self.gw.metrics
+        metrics.child(metrics.upstream_seconds, self.provider_name).observe(time.perf_counter() - self._sent_at)
         if error is not None and not self._mode:
             raise self._connection_error(error)
         if error is not None:
@@ -128,7 +135,18 @@ class ProviderCall(LeanCall):
                 raise ApiError(502, f"{self.provider_name} broke off its answer: {describe(error)}")
         if self._mode == "sse":
             await self._finish_events()
+        if error is not None and self._mode in ("sse", "raw") and not self._client_gone:
+            await self._break_off()
+            return
         self._finish_answer()
+
+    async def _break_off(self) -> None:
+        """The provider broke off an answer already under way: relay what came, then close the connection
+        without ending the answer, so the client sees it was cut rather than a complete stream."""
+        await self._sent(self._send(b""))
+        self._finished = True
+        self.application.log_request(self)
+        self.request.connection.close()
 
     def _connection_error(self, error: BaseException) -> ApiError:
         # describe(), not aiohttp's own text, which can hold the provider URL with the caller's query string
@@ -148,7 +166,11 @@ class ProviderCall(LeanCall):
         self._mode = "sse" if "text/event-stream" in ctype else "json" if "json" in ctype else "raw"
         if self._mode == "sse":
             self._events = EventSplitter()
+            self._stream_gauge = self.gw.metrics.child(self.gw.metrics.open_streams, self.provider_name)
+            self._stream_gauge.inc()
         self._received_at = time.perf_counter()
+        metrics = self.gw.metrics
+        metrics.child(metrics.upstream_ttfb, self.provider_name).observe(self._received_at - self._sent_at)
         self.set_status(status, reason or None)
         copy_upstream_headers(self, headers, DROP_RESPONSE_HEADERS)
         if self._mode != "json":
@@ -284,10 +306,9 @@ class ProviderCall(LeanCall):
             self._log_key_rejected()
             raise ApiError(502, KEY_REJECTED)
         if self.call.billable and 200 <= self.outcome.status < 300:
-            try:
-                self.outcome.usage = self.provider.answer_usage(self.call, orjson.loads(body))
-            except orjson.JSONDecodeError:
-                pass
+            answer = parse_answer(body)
+            if answer is not None:
+                self.outcome.usage = self.provider.answer_usage(self.call, answer)
             self.outcome.output_bytes = len(body)
             self.outcome.cost, self._priced = self._cost(), True
             self.set_own_header("X-AIPipe-Cost", f"{self.outcome.cost:.10f}".rstrip("0").rstrip(".") or "0")
@@ -302,3 +323,10 @@ class ProviderHandler(ApiHandler):
     An unknown provider is answered 404 by ProviderCall, for every method but OPTIONS."""
 
     lean_call = ProviderCall
+    route_class = "provider"
+
+    @property
+    def provider_name(self) -> str:
+        """The provider of the route (for metrics of the errors this handler answers); "" when unknown."""
+        provider = PROVIDERS.get(self.request.path[1:].partition("/")[0])
+        return provider.name if provider is not None else ""

@@ -127,6 +127,9 @@ def measure_similarity(n_docs: int = 1000, n_topics: int = 1000, dims: int = 153
 class SimilarityHandler(ApiHandler):
     """Embeds docs and topics in one upstream call, billed like any embeddings call."""
 
+    route_class = "similarity"  # for metrics
+    token_before_body = True  # a body is refused before it is read when the token is missing or bad
+
     async def post(self) -> None:
         started = time.perf_counter()
         identity = self.gw.identify(self.request.headers)

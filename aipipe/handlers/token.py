@@ -93,6 +93,8 @@ def reason_for(error: Exception) -> str:
 class TokenHandler(ApiHandler):
     """GET /token?credential=... or POST /token with {"credential": ...} (JSON or form)."""
 
+    route_class = "token"  # for metrics
+
     def initialize(self, gateway, certs: GoogleCerts) -> None:
         super().initialize(gateway)
         self.certs = certs

@@ -43,6 +43,9 @@ def usd_sum(values) -> float:
 class UsageHandler(ApiHandler):
     """The signed-in user's usage and limit."""
 
+    route_class = "usage"  # for metrics
+    token_before_body = True  # a body is refused before it is read when the token is missing or bad
+
     async def get(self) -> None:
         identity = self.gw.identify(self.request.headers, allow_native=False)
         email = identity.email
