@@ -107,3 +107,23 @@ async def test_calls_arriving_while_the_price_list_loads_wait_for_it(call, gatew
     assert [r.code for r in answers] == [200] * 19 + [400]
     assert message(answers[-1]) == "Model nobody/x pricing unknown"
     assert upstream.state.models_fetches == 1
+
+
+@pytest.mark.gen_test
+async def test_the_model_list_gives_each_price_its_maximum_output():
+    from types import SimpleNamespace
+
+    from aipipe.providers.openrouter import ModelCatalog
+
+    listing = {"data": [
+        {"id": "a/capped", "pricing": {"prompt": "0.000001", "completion": "0.000002"},
+         "context_length": 200000, "top_provider": {"max_completion_tokens": 8192}},
+        {"id": "b/context-only", "pricing": {"prompt": "0.000001", "completion": "0.000002"}, "context_length": 65536},
+    ]}
+
+    class Http:
+        async def fetch(self, request, raise_error=True):
+            return SimpleNamespace(body=orjson.dumps(listing))
+    catalog = ModelCatalog("http://127.0.0.1:1/v1/models", Http())
+    assert (await catalog.price("a/capped")).max_output == 8192
+    assert (await catalog.price("b/context-only")).max_output == 65536

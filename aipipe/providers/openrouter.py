@@ -75,7 +75,7 @@ class ModelCatalog:
         prices = {}
         for m in models:
             try:
-                prices[m["id"]] = price_from_pricing(m["pricing"])
+                prices[m["id"]] = price_from_pricing(m["pricing"], m)  # m: its maximum output as well
             except (KeyError, TypeError, ValueError):
                 continue
         self.prices = prices
