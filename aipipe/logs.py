@@ -1,5 +1,9 @@
 """Logging for the `aipipe` command: one line per record on standard error, cheap enough for a line per request.
 
+Two formats, both stamped in UTC (ISO 8601, milliseconds, `Z`) so lines from boxes in other zones sort and
+compare: "text", `TIME LEVEL LOGGER: MESSAGE`, and "json", one object per line with `time`, `level`,
+`logger`, `message` and whatever structured fields the record carries (the access log's status, path, ...).
+
 Three costs of the standard set-up are per line and avoidable: formatting the time with strftime, a
 write() system call for every line (Python's stderr is line-buffered), and, for the access log, making a
 LogRecord and passing it down the handler chain. Here the time text is made once a second; inside the
@@ -11,6 +15,7 @@ instructions of a proxied chat call; README, Performance).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -18,15 +23,21 @@ import sys
 import time
 from collections.abc import Callable
 
+import orjson
 import tornado.web
 from tornado.log import app_log, gen_log
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("text", "json")
 
 
 class Formatter(logging.Formatter):
-    """The standard formatter with the date and time text made once per second."""
+    """The standard formatter stamping UTC ISO 8601 times (2026-12-06T02:21:40.302Z), made once per second."""
 
+    converter = time.gmtime
+    # what logging.Formatter.formatTime would make with these, and what stamp() makes faster
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
     _second = -1
     _text = ""
 
@@ -37,8 +48,48 @@ class Formatter(logging.Formatter):
         """formatTime of a record made at `now` (record.msecs is (created - int(created)) * 1000)."""
         second = int(now)
         if second != self._second:
-            self._text, self._second = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)), second
-        return f"{self._text},{int((now - second) * 1000):03d}"
+            self._text, self._second = time.strftime(self.default_time_format, self.converter(second)), second
+        return f"{self._text}.{int((now - second) * 1000):03d}Z"
+
+    def line(self, level: int, name: str, message: str, now: float, fields: dict | None) -> str:
+        """The line a record of logger `name` made at `now` would become (fields are in the message already)."""
+        return f"{self.stamp(now)} {logging.getLevelName(level)} {name}: {message}"
+
+
+# What every LogRecord has; anything else on a record came from `extra=` and is a structured field.
+RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+def _dumps(entry: dict) -> str:
+    try:
+        return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):  # an integer beyond 64 bits, say: the standard library takes it
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class JsonFormatter(Formatter):
+    """One JSON object per record, on one line: a traceback is a field, not more lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.stamp(record.created), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        for key, value in record.__dict__.items():
+            if key not in RECORD_ATTRIBUTES:
+                entry.setdefault(key, value)
+        if record.exc_info:
+            if not record.exc_text:  # RedactCredentials may have set it, cleaned
+                record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return _dumps(entry)
+
+    def line(self, level: int, name: str, message: str, now: float, fields: dict | None) -> str:
+        entry = {"time": self.stamp(now), "level": logging.getLevelName(level), "logger": name, "message": message}
+        if fields:
+            entry.update(fields)
+        return _dumps(entry)
 
 
 class TurnHandler(logging.StreamHandler):
@@ -80,12 +131,14 @@ class TurnHandler(logging.StreamHandler):
             self._failing = True
             self.handleError(logging.makeLogRecord({"msg": what}))
 
-    def write_line(self, level: int, name: str, message: str, now: float | None = None) -> None:
-        """Write what a record of logger `name` made at `now` would become, without making the record."""
+    def write_line(self, level: int, name: str, message: str, now: float | None = None,
+                   fields: dict | None = None) -> None:
+        """Write what a record of logger `name` made at `now` (with `fields` as its extra) would become,
+        without making the record."""
         with self.lock:
             try:
-                stamp = self.formatter.stamp(time.time() if now is None else now)
-                self.stream.write(f"{stamp} {logging.getLevelName(level)} {name}: {message}{self.terminator}")
+                line = self.formatter.line(level, name, message, time.time() if now is None else now, fields)
+                self.stream.write(line + self.terminator)
                 due = self._due
                 if due is None or not due.is_running():  # else the flush due at the end of its turn takes this line
                     self.flush()
@@ -102,12 +155,28 @@ def write_each_line() -> None:
         _installed.per_turn = False
 
 
-def line_writer(logger: logging.Logger) -> Callable[[int, str], None]:
-    """A function that logs `message` at `level` on `logger`, for a line per request.
+def json_lines() -> bool:
+    """Whether the handler setup_logging installed writes JSON (see set_format)."""
+    return _installed is not None and type(_installed.formatter) is JsonFormatter
+
+
+def set_format(name: str) -> None:
+    """Write "text" or "json" lines from now on (the installed handler only; others keep their formatter)."""
+    if name not in FORMATS:
+        raise ValueError(f'log format must be one of {", ".join(FORMATS)}, not "{name}"')
+    if _installed is not None:
+        _installed.setFormatter(JsonFormatter(FORMAT) if name == "json" else Formatter(FORMAT))
+
+
+def line_writer(logger: logging.Logger) -> Callable[..., None]:
+    """A function write(level, message, fields=None) that logs `message` at `level` on `logger`, for a line
+    per request; `fields` are its structured form, for JSON lines and for records' `extra`.
 
     When the only place the logger's records would go is the handler setup_logging installed (no other
     handlers or filters on the way, records propagating), lines are formatted straight into that handler;
     otherwise (tests, a program with its own logging set-up) this is logger.log. Decided when called.
+    The function's `wants_fields` says whether fields are used at all: not by text lines written directly,
+    whose message says it all, so a caller can skip building them.
     """
     chain, node = [], logger
     while node is not None:
@@ -116,15 +185,31 @@ def line_writer(logger: logging.Logger) -> Callable[[int, str], None]:
     root = chain[-1]
     direct = (_installed is not None and root is logging.getLogger() and root.handlers == [_installed]
               and not any(n.filters or (n.handlers and n is not root) for n in chain)
-              and not _installed.filters and type(_installed.formatter) is Formatter)
+              and not _installed.filters and type(_installed.formatter) in (Formatter, JsonFormatter))
     if not direct:
-        return lambda level, message: logger.log(level, "%s", message)
+        def log(level: int, message: str, fields: dict | None = None) -> None:
+            logger.log(level, "%s", message, extra=fields)
+        log.wants_fields = True
+        return log
     handler, name = _installed, logger.name
 
-    def write(level: int, message: str) -> None:
+    def write(level: int, message: str, fields: dict | None = None) -> None:
         if logger.isEnabledFor(level) and level >= handler.level:
-            handler.write_line(level, name, message)
+            handler.write_line(level, name, message, None, fields)
+    write.wants_fields = type(handler.formatter) is JsonFormatter
     return write
+
+
+def one_line(text) -> str:
+    """text as it may stand in a log line: control characters (a newline would forge a line of its own)
+    escaped, and at most 200 characters."""
+    text = text if isinstance(text, str) else str(text)
+    return (text if text.isprintable() else text.encode("unicode_escape").decode("ascii"))[:200]
+
+
+def usd(cost: float) -> str:
+    """A cost as `$0.0000123`: to the nano-dollar, without trailing zeros."""
+    return "$" + f"{cost:.9f}".rstrip("0").rstrip(".")
 
 
 def log_handler_exception(request, typ, value, tb) -> None:
@@ -193,8 +278,8 @@ def redact_foreign_loggers() -> None:
 redact_foreign_loggers()
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Send log records to standard error as `time LEVEL logger: message` lines."""
+def setup_logging(level: int = logging.INFO, log_format: str = "text") -> None:
+    """Send log records to standard error as `time LEVEL logger: message` lines, or JSON lines."""
     root = logging.getLogger()
     if root.handlers:  # configured already (a test, or a program embedding aipipe)
         return
@@ -205,7 +290,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         stream = sys.stderr
     global _installed
     handler = _installed = TurnHandler(stream)
-    handler.setFormatter(Formatter(FORMAT))
+    set_format(log_format)
     root.addHandler(handler)
     root.setLevel(level)
     # Skip gathering what the format never shows (source file and line, thread and process), as the

@@ -32,15 +32,38 @@ access_log = logging.getLogger("aipipe.access")
 
 
 def access_logger() -> Callable[[tornado.web.RequestHandler], None]:
-    """Tornado's log_function: one access-log line per request (query strings are left out: they can carry
-    credentials). Made when the app is, to take logs.line_writer's fast path if the logging set-up allows."""
+    """Tornado's log_function: one access-log line per request with its status, method, path, milliseconds and client,
+    and the caller's email, provider, model and cost when the handler knows them. Query strings are left out (they
+    can carry credentials). Made when the app is, to take logs.line_writer's fast path if the logging set-up allows."""
+    from .logs import one_line, usd
+
     write = line_writer(access_log)
+    with_fields = write.wants_fields  # JSON lines, or records others listen to; text lines need only the message
 
     def log_request(handler: tornado.web.RequestHandler) -> None:
         status = handler.get_status()
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         request = handler.request
-        write(level, f"{status} {request.method} {request.path} {1000.0 * request.request_time():.1f}ms")
+        ms = 1000.0 * request.request_time()
+        message = f"{status} {request.method} {request.path} {ms:.1f}ms {request.remote_ip}"
+        # a ProviderCall's caller is `checked` (None for a native key), other handlers' `identity`
+        email = getattr(getattr(handler, "checked", None) or getattr(handler, "identity", None), "email", None)
+        model = getattr(getattr(handler, "call", None), "model", None)  # from the request body: made one-line
+        provider = getattr(handler, "provider_name", None)
+        known = [(k, v) for k, v in (("email", email and one_line(email)), ("provider", provider),
+                                     ("model", model and one_line(model))) if v]
+        cost = getattr(getattr(handler, "outcome", None), "cost", None)
+        if known:
+            message += " " + " ".join(v for _, v in known)
+        if isinstance(cost, float):
+            message += " " + usd(cost)
+        if not with_fields:
+            return write(level, message)
+        fields = {"status": status, "method": request.method, "path": request.path, "duration_ms": round(ms, 1),
+                  "client": request.remote_ip, **dict(known)}
+        if isinstance(cost, float):
+            fields["cost"] = cost
+        write(level, message, fields)
     return log_request
 
 

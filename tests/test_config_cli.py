@@ -127,7 +127,8 @@ def test_serve_starts_serves_and_stops_on_sigterm(tmp_path):
         # one access line per request, in the log's format, before the lines logged after it; no query, no token
         lines = out.splitlines()
         access = [i for i, line in enumerate(lines) if re.fullmatch(
-            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING aipipe\.access: 404 GET /nosuch/x \d+\.\dms", line)]
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z WARNING aipipe\.access: 404 GET /nosuch/x \d+\.\dms 127\.0\.0\.1",
+            line)]
         assert len(access) == 1 and access[0] < next(i for i, line in enumerate(lines) if "shutting down" in line)
         assert secret not in out
         assert (tmp_path / "aipipe.db").exists()
