@@ -207,7 +207,9 @@ class Gateway:
             return admission
         self.metrics.child(self.metrics.refusals, admission.refused).inc()
         if admission.refused == "budget":
-            raise ApiError(429, over_budget_message(admission.spent + admission.held, budget, request.amount))
+            # waiting will not help until the window moves on: the OpenAI SDKs honour x-should-retry and give up at once
+            raise ApiError(429, over_budget_message(admission.spent + admission.held, budget, request.amount),
+                           {"x-should-retry": "false"})
         if admission.refused == "concurrency":
             raise ApiError(429, f"Too many requests in flight (at most {request.max_inflight} at once)",
                            {"Retry-After": str(admission.retry_after)})

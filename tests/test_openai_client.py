@@ -24,3 +24,35 @@ async def test_official_openai_client_streams_and_non_streams(gateway, upstream,
     finally:
         await client.close()
     assert await spent(gateway, "sdk@example.com") == pytest.approx(2 * (12 * 0.15e-6 + 7 * 0.6e-6), abs=1e-12)
+
+
+@pytest.mark.gen_test
+async def test_the_sdk_gives_up_at_once_on_a_budget_refusal_and_rate_limits_say_when_to_retry(
+        make_gateway, serve, upstream, call):
+    import logging
+
+    gw = await make_gateway(limits={"rpm_per_user": 1})
+    url = serve(gw)
+    attempts = []
+
+    class Counting(logging.Handler):
+        def emit(self, record):
+            if "/openai/v1/chat/completions" in record.getMessage():
+                attempts.append(record.getMessage().split()[0])
+
+    counter = Counting()
+    logging.getLogger("aipipe.access").addHandler(counter)
+    try:
+        broke = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key=token("blocked@example.com"), max_retries=2)
+        with pytest.raises(openai.RateLimitError, match="Usage"):
+            await broke.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+        await broke.close()
+    finally:
+        logging.getLogger("aipipe.access").removeHandler(counter)
+    assert attempts == ["429"]  # x-should-retry: false, so one request and no retries
+    t = token("rpm@example.com")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
+    assert (await call(url + "/openai/v1/chat/completions", "POST", json=body, token=t)).code == 200
+    limited = await call(url + "/openai/v1/chat/completions", "POST", json=body, token=t)
+    assert limited.code == 429 and 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert "x-should-retry" not in limited.headers  # a rate limit passes: the SDK may wait and try again
