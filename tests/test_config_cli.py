@@ -190,3 +190,98 @@ def test_stopping_the_parent_of_several_processes_stops_them_all(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_version_and_a_help_line_for_every_command_and_option(tmp_path):
+    import argparse
+
+    from aipipe import __version__
+    from aipipe.cli import build_parser
+
+    r = run("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"aipipe {__version__}"
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"serve", "backup", "reload", "systemd-unit"} <= set(commands.choices)
+    assert all(choice.help for choice in commands._choices_actions)
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"aipipe {name} {action.option_strings or action.dest} has no help"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("token", "not-an-email"), "'not-an-email' is not an email address"),
+    (("token", "pat@example.com", "--expires-in", "0"), "--expires-in must be a positive number of seconds"),
+    (("token", "pat@example.com", "--expires-in", "-60"), "--expires-in must be a positive number of seconds"),
+    (("set-cost", "pat@example.com", "2026-01-02", "nan"), "cost must be a number of USD, not negative"),
+    (("set-cost", "pat@example.com", "2026-01-02", "inf"), "cost must be a number of USD, not negative"),
+    (("set-cost", "pat@example.com", "2026-01-02", "-1"), "cost must be a number of USD, not negative"),
+    (("set-cost", "pat@example.com", "2026-01-02", "1000001"), "cost must be at most 1,000,000 USD"),
+    (("set-cost", "pat@example.com", "2026-13-45", "1"), "'2026-13-45' is not a date: use YYYY-MM-DD"),
+    (("set-cost", "pat", "2026-01-02", "1"), "'pat' is not an email address"),
+])
+def test_commands_refuse_bad_arguments_in_one_line(tmp_path, args, needle):
+    r = run(*args, cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32})
+    assert r.returncode == 1 and r.stderr == f"aipipe: {needle}\n"
+    assert not (tmp_path / "aipipe.db").exists()  # refused before anything was written
+
+
+def test_set_cost_at_the_apis_bound_is_taken(tmp_path):
+    from aipipe.handlers.admin import MAX_COST
+
+    r = run("set-cost", "pat@example.com", "2026-01-02", repr(MAX_COST), cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32})
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("command", [("serve",), ("token", "pat@example.com")])
+def test_an_env_file_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, command):
+    r = run(*command, "--env-file", "/nonexistent/dir/.env", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "cannot be saved to /nonexistent/dir/.env" in r.stderr
+
+
+def test_an_env_file_that_cannot_be_read_is_one_line(tmp_path):
+    (tmp_path / "env-dir").mkdir()
+    r = run("check-config", "--env-file", "env-dir", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("aipipe: cannot read the env file env-dir") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("mysql://u:hunter2@db/aipipe", "must start with sqlite:/// or postgresql://"),
+    ("sqlite://relative", "must look like sqlite:///path.db"),
+    ("sqlite:///", "names no file"),
+])
+def test_check_config_refuses_the_storage_urls_serve_refuses(tmp_path, url, needle):
+    (tmp_path / "c.toml").write_text(f'[storage]\nurl = "{url}"\n')
+    for command in ("check-config", "serve"):
+        r = run(command, "--config", "c.toml", cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32})
+        assert r.returncode == 1 and needle in r.stderr and "hunter2" not in r.stderr, (command, r.stderr)
+
+
+def test_check_config_names_the_provider_keys_set_and_missing_never_their_values(tmp_path):
+    (tmp_path / ".env").write_text("GEMINI_API_KEY=AIzaSecretGeminiValue123\n")
+    r = run("check-config", cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32, "OPENAI_API_KEY": "sk-secret-openai-value"})
+    assert r.returncode == 0, r.stderr
+    assert "provider keys set: OPENAI_API_KEY, GEMINI_API_KEY" in r.stdout
+    assert "provider keys missing: OPENROUTER_API_KEY" in r.stdout
+    assert "sk-secret-openai-value" not in r.stdout + r.stderr and "AIzaSecret" not in r.stdout + r.stderr
+    r = run("check-config", cwd=tmp_path, env={"AIPIPE_SECRET": "short"})
+    assert r.returncode == 1 and "AIPIPE_SECRET is too short" in r.stderr
+
+
+def test_log_format_from_the_config_and_the_command_line_winning(tmp_path):
+    import json
+
+    (tmp_path / "json.toml").write_text('[server]\nlog_format = "json"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        as_json = run("serve", "--config", "json.toml", "--port", port, cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32})
+        as_text = run("serve", "--config", "json.toml", "--port", port, "--log-format", "text", cwd=tmp_path,
+                      env={"AIPIPE_SECRET": "x" * 32})
+    entry = json.loads(as_json.stderr)  # one line, one object
+    assert as_json.returncode == 1 and entry["level"] == "ERROR" and f"cannot listen on 127.0.0.1:{port}" in entry["message"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
+    assert re.fullmatch(rf"\S+Z ERROR aipipe: cannot listen on 127\.0\.0\.1:{port}: .*\n", as_text.stderr)
+    r = run("serve", "--log-format", "json", "--config", "missing.toml", cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32})
+    assert r.returncode == 1 and json.loads(r.stderr)["message"] == "config file missing.toml not found"
