@@ -48,21 +48,28 @@ def access_logger() -> Callable[[tornado.web.RequestHandler], None]:
         message = f"{status} {request.method} {request.path} {ms:.1f}ms {request.remote_ip}"
         # a ProviderCall's caller is `checked` (None for a native key), other handlers' `identity`
         email = getattr(getattr(handler, "checked", None) or getattr(handler, "identity", None), "email", None)
-        model = getattr(getattr(handler, "call", None), "model", None)  # from the request body: made one-line
         provider = getattr(handler, "provider_name", None)
-        known = [(k, v) for k, v in (("email", email and one_line(email)), ("provider", provider),
-                                     ("model", model and one_line(model))) if v]
+        model = getattr(getattr(handler, "call", None), "model", None)
         cost = getattr(getattr(handler, "outcome", None), "cost", None)
-        if known:
-            message += " " + " ".join(v for _, v in known)
-        if isinstance(cost, float):
+        if email:
+            email = one_line(email)
+            message += " " + email
+        if provider:
+            message += " " + provider
+        if model:
+            model = one_line(model)  # from the request body: a newline in it must not forge a line
+            message += " " + model
+        if cost.__class__ is float:
             message += " " + usd(cost)
+        else:
+            cost = None
         if not with_fields:
             return write(level, message)
         fields = {"status": status, "method": request.method, "path": request.path, "duration_ms": round(ms, 1),
-                  "client": request.remote_ip, **dict(known)}
-        if isinstance(cost, float):
-            fields["cost"] = cost
+                  "client": request.remote_ip}
+        for key, value in (("email", email), ("provider", provider), ("model", model), ("cost", cost)):
+            if value:
+                fields[key] = value
         write(level, message, fields)
     return log_request
 
