@@ -28,6 +28,12 @@ from .upstream import Upstream
 log = logging.getLogger("aipipe")
 STORE_DOWN = "Usage store unavailable, try again shortly"
 HEALTH_SECONDS = 1.0  # /healthz asks the store at most this often
+# settings a running server cannot take on a reload: where it listens and stores, and what its sockets, routes and
+# log handler were built with
+RESTART_ONLY = ("server.host", "server.port", "server.processes", "server.xheaders", "server.max_body_bytes",
+                "server.max_connections", "server.idle_seconds", "server.body_seconds", "server.log_format",
+                "storage.url", "storage.pool_min", "storage.pool_max", "storage.admission", "proxy.allow_private",
+                "auth.google_certs_url")
 HEALTH_TIMEOUT = 2.0
 
 
@@ -49,24 +55,34 @@ class Gateway:
 
     def __init__(self, config: Config, store: Store, prices: PriceTable | None = None, spool_dir: str | None = None,
                  processes: int = 1):
-        self.config = config
         self.store = store
-        self.prices = prices or PriceTable.shipped()
         # budgets in memory when this process is the only one using an SQLite file (see aipipe/books.py)
         in_memory = config.get("storage.admission") == "auto" and processes == 1 and store.single_file
         self.ledger = Ledger(store, spool_dir=spool_dir, books=Books() if in_memory else None)
+        self.upstream = Upstream()  # provider calls
+        self.http = AsyncHTTPClient(force_instance=True)  # Google's keys, OpenRouter's model list
+        self._tasks: list[asyncio.Task] = []
+        self.metrics = Metrics()
+        self._health: tuple[float, str | None] = (float("-inf"), None)  # (when checked, what was wrong)
+        self._use(config, prices or PriceTable.shipped())
+
+    def _use(self, config: Config, prices: PriceTable) -> None:
+        """Take config and prices for every request from now on (at start, and on reload)."""
+        self.config, self.prices = config, prices
         self.verifier = TokenVerifier(config.secret, config.salts, config.get("auth.token_cache_seconds"))
         self.default_hold = config.get("limits.default_hold_usd")
         self.upstream_timeout = config.get("limits.upstream_timeout")
         self._max_inflight, self._rpm, self._hold_seconds = (
             config.get("limits.max_concurrent_per_user"), config.get("limits.rpm_per_user"), config.get("limits.hold_seconds"))
-        self.upstream = Upstream()  # provider calls
-        self.http = AsyncHTTPClient(force_instance=True)  # Google's keys, OpenRouter's model list
         self._catalog: ModelCatalog | None = None
         self._windows: dict[str, tuple[date, Budget, date]] = {}  # email -> (today, budget, window start)
-        self._tasks: list[asyncio.Task] = []
-        self.metrics = Metrics()
-        self._health: tuple[float, str | None] = (float("-inf"), None)  # (when checked, what was wrong)
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply a re-read config (and pricing.json) to the next request; returns the changed settings that only
+        take effect after a restart. Calls in flight keep what they started with."""
+        kept = [key for key in RESTART_ONLY if config.get(key) != self.config.get(key)]
+        self._use(config, PriceTable.shipped())
+        return kept
 
     @property
     def books(self) -> Books | None:

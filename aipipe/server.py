@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import ctypes
 import gc
 import logging
@@ -9,13 +10,14 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 
 import tornado.netutil
 import tornado.process
 import tornado.web
 
-from .config import Config
+from .config import KEY_ENV, Config
 from .gateway import Gateway
 from .handlers import routes
 from .handlers.lean import LeanApplication
@@ -24,6 +26,7 @@ from .ledger import spool_dir
 from .listener import GatewayHTTPServer
 from .logs import line_writer, write_each_line
 from .metrics import Metrics, use_multiprocess_folder, worker_exited
+from .systemd import notify, pid_file_for, remove_pid_file, write_pid_file
 from .storage import StoreConfigError, mask_url, open_store, url_scheme
 
 log = logging.getLogger("aipipe")
@@ -109,14 +112,12 @@ def _install_fast_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: Config, sockets, processes: int) -> None:
+async def _serve(config: Config, sockets, processes: int, load_config: Callable[[], Config] | None) -> None:
     try:
         store = await open_store(config.get("storage.url"), config.get("storage.pool_min"), config.get("storage.pool_max"))
     except StoreConfigError as e:
         log.error("%s", e)
         raise SystemExit(1) from None
-    sockname = sockets[0].getsockname()
-    log.info("AI Pipe listening on http://%s:%d (storage %s)", sockname[0], sockname[1], mask_url(config.get("storage.url")))
     # one spool folder per store, shared by its processes (aipipe.ledger); the URL is known to parse by now
     gateway = Gateway(config, store, spool_dir=spool_dir(config.get("storage.url")), processes=processes)
     try:
@@ -128,6 +129,13 @@ async def _serve(config: Config, sockets, processes: int) -> None:
     app = make_app(gateway)
     server = make_server(app, config)
     server.add_sockets(sockets)
+    sockname = sockets[0].getsockname()
+    log.info("AI Pipe listening on http://%s:%d (storage %s)", sockname[0], sockname[1], mask_url(config.get("storage.url")))
+    log_providers(config)
+    pid_path = pid_file_for(config) if processes == 1 else None  # with workers, the parent's pid is written
+    if pid_path:
+        write_pid_file(pid_path)
+    notify("READY=1")
     # What start-up made (modules, routes, templates, prices) lives as long as the server: leave it out of
     # the collector's full passes, which otherwise walk it all every few thousand requests (README, Performance).
     gc.collect()
@@ -136,7 +144,9 @@ async def _serve(config: Config, sockets, processes: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, gateway, load_config)
     await stop.wait()
+    notify("STOPPING=1")
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal (the parent passes it on too) changes nothing
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
@@ -152,7 +162,38 @@ async def _serve(config: Config, sockets, processes: int) -> None:
     await gateway.close()
     await store.close()
     worker_exited(os.getpid())
+    if pid_path:
+        remove_pid_file(pid_path)
     log.info("stopped")
+
+
+def log_providers(config: Config) -> None:
+    """One line naming the providers this server can call and those whose key is not set."""
+    ready = [name for name, p in config.providers.items() if p.api_key]
+    missing = [f"{name} (set {KEY_ENV[name]})" for name, p in config.providers.items() if not p.api_key]
+    log.info("providers with a key: %s%s", ", ".join(ready) or "none",
+             f"; without one (their calls answer 503): {', '.join(missing)}" if missing else "")
+
+
+def reload_config(gateway: Gateway, load_config: Callable[[], Config] | None) -> None:
+    """SIGHUP: read the config file (and env file) again and apply it to the next request; a file that does not
+    load leaves the running config as it was."""
+    if load_config is None:
+        log.warning("SIGHUP: this server was not started from a config it can read again; nothing changed")
+        return
+    notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        config = load_config()
+    except Exception as e:  # ConfigError, a vanished file, bad TOML: the old config stays
+        log.error("config not reloaded, the running one stays: %s", e)
+        notify("READY=1")
+        return
+    needs_restart = gateway.reload(config)
+    log.info("config reloaded: %d budget rules, %d admins; applies to the next request", len(config.budgets),
+             len(config.admins))
+    if needs_restart:
+        log.warning("changed settings that take effect only after a restart: %s", ", ".join(needs_restart))
+    notify("READY=1")
 
 
 def _stop_with_parent(parent: int) -> None:
@@ -198,12 +239,22 @@ def _pass_stop_to_workers() -> None:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+    def pass_on(sig, frame) -> None:
+        if os.getpid() == parent:
+            for pid in _workers_of(parent):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handle)
+    signal.signal(signal.SIGHUP, pass_on)  # each worker reloads its config
 
 
-def run(config: Config, host: str, port: int, processes: int = 1) -> None:
-    """Bind, optionally fork worker processes, and serve until SIGTERM/SIGINT."""
+def run(config: Config, host: str, port: int, processes: int = 1,
+        load_config: Callable[[], Config] | None = None) -> None:
+    """Bind, optionally fork worker processes, and serve until SIGTERM/SIGINT; SIGHUP re-reads the config through
+    load_config."""
     try:
         sockets = tornado.netutil.bind_sockets(port, host)
     except OSError as e:  # port taken (another server?) or address not on this machine
@@ -219,12 +270,15 @@ def run(config: Config, host: str, port: int, processes: int = 1) -> None:
         gc.freeze()  # what the parent loaded stays shared with the workers instead of being copied by the collector
         parent = os.getpid()
         _pass_stop_to_workers()
+        pid_path = pid_file_for(config)
+        if write_pid_file(pid_path):  # `aipipe reload` signals the parent, which passes it on
+            atexit.register(remove_pid_file, pid_path)  # (a worker's exit leaves it: it names the parent)
         tornado.process.fork_processes(processes)
         if _stopping:  # restarted by Tornado while the parent was stopping: nothing to serve
             raise SystemExit(0)
         _stop_with_parent(parent)
     _install_fast_loop()
     try:
-        asyncio.run(_serve(config, sockets, processes))
+        asyncio.run(_serve(config, sockets, processes, load_config))
     except KeyboardInterrupt:
         sys.exit(0)
