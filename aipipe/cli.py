@@ -194,6 +194,10 @@ def cmd_systemd_unit(args) -> int:
         log.warning("%s does not exist yet: the unit assumes the default settings", config_path)
         config = load_config(None, {})
     print(systemd.unit_text(config, config_path, env_file, args.user), end="")
+    program = systemd.aipipe_command()[0]
+    if program.startswith(("/home/", "/root/", "/run/user/")):
+        log.warning("%s is in a home folder, which ProtectHome=yes hides from the service: install aipipe "
+                    "elsewhere (a virtualenv in /opt/aipipe, say) and run this again", program)
     return 0
 
 

@@ -80,6 +80,13 @@ def test_systemd_unit_options(tmp_path, args, needle):
         assert r.returncode == 0 and "does not exist yet" in r.stderr and "TimeoutStopSec=60" in r.stdout
 
 
+def test_systemd_unit_warns_when_aipipe_lives_where_protecthome_hides_it(tmp_path):
+    r = run("systemd-unit", cwd=tmp_path)
+    program = unit_settings(r.stdout)["ExecStart"][0].split()[0]
+    hidden = program.startswith(("/home/", "/root/", "/run/user/"))
+    assert ("ProtectHome=yes hides" in r.stderr) == hidden
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt-get install systemd)")
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     (tmp_path / "etc").mkdir()
