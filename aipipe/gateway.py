@@ -58,11 +58,11 @@ class Gateway:
         self.store = store
         # budgets in memory when this process is the only one using an SQLite file (see aipipe/books.py)
         in_memory = config.get("storage.admission") == "auto" and processes == 1 and store.single_file
-        self.ledger = Ledger(store, spool_dir=spool_dir, books=Books() if in_memory else None)
+        self.metrics = Metrics()
+        self.ledger = Ledger(store, spool_dir=spool_dir, books=Books() if in_memory else None, metrics=self.metrics)
         self.upstream = Upstream()  # provider calls
         self.http = AsyncHTTPClient(force_instance=True)  # Google's keys, OpenRouter's model list
         self._tasks: list[asyncio.Task] = []
-        self.metrics = Metrics()
         self._health: tuple[float, str | None] = (float("-inf"), None)  # (when checked, what was wrong)
         self._use(config, prices or PriceTable.shipped())
 
@@ -137,7 +137,7 @@ class Gateway:
         self._health = (now, self._health[1])  # callers arriving during the check get the last answer
         try:
             await asyncio.wait_for(self.store.spend("", today_utc()), HEALTH_TIMEOUT)
-            problem = "charges cannot be written to the store" if getattr(self.ledger, "_settle_failing", False) else None
+            problem = "charges cannot be written to the store" if self.ledger.failing else None
         except Exception as e:
             problem = "usage store unavailable"
             log.warning("health check: the store did not answer: %s", type(e).__name__)

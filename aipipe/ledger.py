@@ -74,10 +74,11 @@ class Ledger:
     """Batches reservations and settlements into few transactions."""
 
     def __init__(self, store: Store, spool_dir: str | None = None, retry_seconds: float = 1.0,
-                 books: Books | None = None, spool_path: str | None = None):
+                 books: Books | None = None, spool_path: str | None = None, metrics=None):
         """spool_dir: the store's spool folder (see spool_dir()); spool_path: a single file instead, replayed and
-        written to."""
+        written to; metrics: an aipipe.metrics.Metrics that counts store errors and spooled charges."""
         self.store = store
+        self.metrics = metrics
         self.books = books
         self._loads: list[tuple[HoldRequest, asyncio.Future]] = []  # memory mode: users whose spend is not read yet
         self.spool_dir = spool_dir
@@ -218,6 +219,11 @@ class Ledger:
         """Charges not yet committed."""
         return len(self._settles)
 
+    @property
+    def failing(self) -> bool:
+        """Whether the last attempt to write charges failed (they wait, queued, for the store)."""
+        return self._settle_failing
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
@@ -257,6 +263,8 @@ class Ledger:
                 await self._write_batch(batch)
             except StoreUnavailable as e:  # keep the charges and try again: money is never dropped
                 log.error("could not write %d charges (%s); retrying in %.0fs", len(batch), e, self.retry_seconds)
+                if self.metrics is not None:
+                    self.metrics.store_errors.inc()
                 return False
             del self._settles[:len(batch)]
             self._written += len(batch)
@@ -376,6 +384,8 @@ class Ledger:
             log.error("could not spool %d unwritten charges to %s: %s", len(charges), self.spool_path, e)
             return False
         log.warning("spooled %d unwritten charges to %s; they are replayed at next start", len(charges), self.spool_path)
+        if self.metrics is not None:
+            self.metrics.spooled.inc(len(charges))
         return True
 
     def _read_spools(self) -> list[Charge]:
