@@ -25,8 +25,9 @@ from .storage import StoreConfigError, make_store, mask_url, open_store, sqlite_
 log = logging.getLogger("aipipe")
 
 
-def load_env(path: str | None) -> dict[str, str]:
-    """The environment, with the env file's values filling in what the environment does not set."""
+def load_env(path: str | None, file_wins: bool = False) -> dict[str, str]:
+    """The environment, with the env file's values filling in what the environment does not set (or, file_wins,
+    replacing it: on a reload, where systemd's EnvironmentFile put the file's old values in the environment)."""
     env = dict(os.environ)
     if path and os.path.exists(path):
         if not os.path.isfile(path):  # python-dotenv would pass over it in silence
@@ -36,7 +37,7 @@ def load_env(path: str | None) -> dict[str, str]:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read the env file {path}: {getattr(e, 'strerror', None) or e}") from None
         for k, v in values.items():
-            if v is not None and k not in env:
+            if v is not None and (file_wins or k not in env):
                 env[k] = v
     return env
 
@@ -60,8 +61,8 @@ def ensure_secret(env: dict[str, str], env_file: str) -> None:
         raise ConfigError(f"AIPIPE_SECRET is too short: use at least {MIN_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`)")
 
 
-def _config(args, need_secret: bool = False) -> Config:
-    env = load_env(args.env_file)
+def _config(args, need_secret: bool = False, reloading: bool = False) -> Config:
+    env = load_env(args.env_file, file_wins=reloading)
     if need_secret:
         ensure_secret(env, args.env_file or ".env")
     return load_config(args.config, env)
@@ -78,7 +79,7 @@ def cmd_serve(args) -> int:
     host = args.host or config.get("server.host")
     port = args.port if args.port is not None else config.get("server.port")
     processes = args.processes if args.processes is not None else config.get("server.processes")
-    run(config, host, port, processes, load_config=lambda: _config(args))  # SIGHUP reads both files again
+    run(config, host, port, processes, load_config=lambda: _config(args, reloading=True))  # SIGHUP: both files again
     return 0
 
 

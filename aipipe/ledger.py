@@ -15,7 +15,7 @@ spool file replayed twice) bills it once. A charge is never silently dropped:
   in the spool folder;
 - the writer task fails on anything else: logged with its traceback and restarted, charges kept;
 - at shutdown, what could not be written goes to this process's own file in the store's spool
-  folder (spool_dir()). At start a process replays every file there that no other process holds
+  folder (aipipe.spool). At start a process replays every file there that no other process holds
   locked, and deletes each once its charges are committed.
 
 With `books` (a server that is the only writer of its SQLite file), admission is decided in
@@ -24,52 +24,25 @@ memory and only a user's first request waits for the writer, which reads their s
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import glob
-import hashlib
 import itertools
-import json
 import logging
 import math
-import os
 import secrets
 import time
-from dataclasses import asdict, fields
 from datetime import date
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .books import Books
-from .storage import Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable, sqlite_path, url_scheme
+from .storage import Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable
 from .storage.base import safe_cost
+from .spool import Spool
 
 log = logging.getLogger("aipipe.ledger")
 MAX_BATCH = 512
 # memory mode: seconds charges wait to be written with the ones that follow. At 10 ms, writing them took
 # about 22 µs of CPU per call under load (SQLite's per-commit work and the hand-offs to aiosqlite's thread);
-# at 100 ms, about 12 µs (README, Performance). A process killed outright loses at most this much of charges.
+# at 100 ms, about 12 µs (docs/performance.md). A process killed outright loses at most this much of charges.
 LINGER = 0.1
 INF = math.inf
-SPOOL_FILES = "unsettled-*.jsonl"  # in the spool folder: charges to replay (one file per process that spooled)
-REJECTED = "rejected.jsonl"  # in the spool folder: charges the store refused, for an operator to look at
-CHARGE_FIELDS = frozenset(f.name for f in fields(Charge))
-# URL parameters that do not change which database a PostgreSQL URL names
-NOT_IDENTITY = frozenset({"connect_timeout", "command_timeout", "application_name"})
-
-
-def spool_dir(store_url: str, state_dir: str | None = None) -> str | None:
-    """The folder for a store's unwritten charges: `<file>.spool` beside an SQLite file (None in memory); for
-    PostgreSQL `aipipe-spool-<hash of the URL without password>` in state_dir, $STATE_DIRECTORY or the working folder."""
-    if url_scheme(store_url) == "sqlite":
-        path = sqlite_path(store_url)
-        return None if path == ":memory:" else os.path.abspath(path) + ".spool"
-    parts = urlsplit(store_url)
-    host = f"{parts.username or ''}@{(parts.hostname or '').lower()}:{parts.port or 5432}"
-    query = urlencode(sorted((k, v) for k, v in parse_qsl(parts.query) if k not in NOT_IDENTITY and k != "password"))
-    identity = urlunsplit(("postgresql", host, parts.path, query, ""))
-    base = state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or os.getcwd()
-    return os.path.join(base, "aipipe-spool-" + hashlib.sha256(identity.encode()).hexdigest()[:16])
-
-
 class Ledger:
     """Batches reservations and settlements into few transactions."""
 
@@ -81,11 +54,7 @@ class Ledger:
         self.metrics = metrics
         self.books = books
         self._loads: list[tuple[HoldRequest, asyncio.Future]] = []  # memory mode: users whose spend is not read yet
-        self.spool_dir = spool_dir
-        self.spool_path = spool_path or (spool_dir and os.path.join(
-            spool_dir, SPOOL_FILES.replace("*", f"{os.getpid()}-{secrets.token_hex(4)}")))
-        self.rejected_path = self.spool_path and os.path.join(os.path.dirname(self.spool_path), REJECTED)
-        self._held: dict[str, object] = {}  # spool files being replayed: path -> open file holding its flock
+        self.spool = Spool(spool_dir, spool_path, metrics)
         self.retry_seconds = retry_seconds
         self._id_prefix = secrets.token_hex(8) + "-"  # per ledger (so per process: made after any fork)
         self._next_id = itertools.count(1).__next__
@@ -109,7 +78,7 @@ class Ledger:
     def start(self) -> None:
         """Start the writer task on the running loop, replaying any spooled charges first."""
         self._loop = asyncio.get_running_loop()
-        replayed = self._read_spools()
+        replayed = self.spool.read_all()
         if replayed:  # written first: charges queued before start() (none, in the server) wait for them too
             self._settles[:0] = replayed
             self._queued += len(replayed)
@@ -117,9 +86,9 @@ class Ledger:
                 mark[0] += len(replayed)
             done = self._loop.create_future()  # the spool files go once what they held is committed
             self._marks.insert(0, [len(replayed), done])
-            done.add_done_callback(lambda _: self._let_go_of_spools(delete=True))
+            done.add_done_callback(lambda _: self.spool.release(delete=True))
         else:
-            self._let_go_of_spools(delete=True)  # files with nothing to replay
+            self.spool.release(delete=True)  # files with nothing to replay
         self._start_writer()
         if self._settles:
             self._wake.set()
@@ -281,25 +250,11 @@ class Ledger:
             await self.store.settle(batch)
         except RowRefused as e:
             if len(batch) == 1:
-                self._reject(batch[0], e)
+                self.spool.reject(batch[0], e)
                 return
             half = len(batch) // 2  # halves of a refused batch: nothing of it was written
             await self._write_batch(batch[:half])
             await self._write_batch(batch[half:])
-
-    def _reject(self, charge: Charge, error: RowRefused) -> None:
-        """Append a charge the store refuses to the rejected file, so that the charges after it are written."""
-        where = self.rejected_path
-        try:
-            if where:
-                append_lines(where, [spool_line(charge, error=str(error))], self._held)
-        except OSError as e:
-            log.error("could not append to %s: %s", where, e)
-            where = None
-        # the error's text can quote the row (a model name is the caller's text): the file has it, the log has its kind
-        kind = type(error.__cause__ or error).__name__
-        log.error("charge %s for %s (cost %r) refused by the store (%s): set aside in %s", charge.charge_id,
-                  charge.email, charge.cost, kind, where or f"this line (no spool folder): {spool_line(charge)}")
 
     def _refuse_reserves(self) -> None:
         """Admissions while charges cannot be written: 503, as the store would likely answer anyway."""
@@ -366,125 +321,12 @@ class Ledger:
                 self._task.cancel()
             except Exception:
                 pass  # logged as the writer ended
-        spooled = not self._settles or self._write_spool(self._settles)
+        spooled = not self._settles or self.spool.write(self._settles)
         self._settles = []
-        self._let_go_of_spools(delete=spooled, keep=self.spool_path)  # what they still held is in our own file now
+        self.spool.release(delete=spooled, keep=self.spool.path)  # what they still held is in our own file now
         for _, f in self._reserves + self._loads:
             if not f.done():
                 f.set_exception(StoreUnavailable("server is shutting down"))
-
-    def _write_spool(self, charges: list[Charge]) -> bool:
-        """Append charges to this process's spool file; whether they are safely there."""
-        if not self.spool_path:
-            log.error("%d charges could not be written and there is no spool folder", len(charges))
-            return False
-        try:
-            append_lines(self.spool_path, [spool_line(c) for c in charges], self._held)
-        except OSError as e:
-            log.error("could not spool %d unwritten charges to %s: %s", len(charges), self.spool_path, e)
-            return False
-        log.warning("spooled %d unwritten charges to %s; they are replayed at next start", len(charges), self.spool_path)
-        if self.metrics is not None:
-            self.metrics.spooled.inc(len(charges))
-        return True
-
-    def _read_spools(self) -> list[Charge]:
-        """The charges of every spool file of this store that no other process holds; each file stays locked."""
-        if self.spool_dir:
-            paths = sorted(glob.glob(os.path.join(glob.escape(self.spool_dir), SPOOL_FILES)))
-        else:
-            paths = [self.spool_path] if self.spool_path and os.path.exists(self.spool_path) else []
-        charges: list[Charge] = []
-        for path in paths:
-            f = lock_for_replay(path)
-            if f is None:
-                continue  # being written or replayed by another process: left to it
-            self._held[path] = f
-            f.seek(0)
-            found = [c for c in (self._spooled_charge(line, path) for line in f if line.strip()) if c is not None]
-            log.warning("replaying %d spooled charges from %s", len(found), path)
-            charges += found
-        return charges
-
-    def _spooled_charge(self, line: str, path: str) -> Charge | None:
-        """A spool line as a Charge; one that cannot be read goes to the rejected file."""
-        try:
-            return spooled_charge(line)
-        except (ValueError, TypeError, KeyError) as e:
-            log.error("unreadable line in %s (%s): set aside in %s", path, type(e).__name__, self.rejected_path)
-            try:
-                append_lines(self.rejected_path, [json.dumps({"line": line.rstrip("\n"), "error": str(e)})], self._held)
-            except OSError as oe:
-                log.error("could not append to %s: %s", self.rejected_path, oe)
-            return None
-
-    def _let_go_of_spools(self, delete: bool, keep: str | None = None) -> None:
-        """Unlock the spool files being replayed, deleting them (but keep) first if delete: their charges are safe."""
-        held, self._held = self._held, {}
-        for path, f in held.items():
-            if delete and path != keep:
-                try:
-                    os.unlink(path)  # before unlocking: a process that then takes the lock finds no file
-                except OSError as e:
-                    log.error("could not delete the replayed spool file %s: %s", path, e)
-            f.close()
-
-
-def spool_line(c: Charge, **extra) -> str:
-    """A charge as one JSON line of a spool (or rejected) file."""
-    row = asdict(c)
-    row["day"] = c.day.isoformat() if isinstance(c.day, date) else c.day
-    return json.dumps({**row, **extra}, default=repr)
-
-
-def spooled_charge(line: str) -> Charge:
-    """A spool line as a Charge; a line without an id (an older version's) gets one made from its text, so
-    replaying it twice still bills it once."""
-    row = json.loads(line)
-    charge = Charge(**{k: v for k, v in row.items() if k in CHARGE_FIELDS and k != "day"},
-                    day=date.fromisoformat(row["day"]))
-    if not charge.charge_id:
-        charge.charge_id = "spool-" + hashlib.sha256(line.strip().encode()).hexdigest()[:32]
-    return charge
-
-
-def lock_for_replay(path: str):
-    """The file opened and exclusively locked, or None if another process holds it or it is gone."""
-    try:
-        f = os.fdopen(os.open(path, os.O_RDWR | os.O_APPEND), "a+", encoding="utf-8")  # not created if gone
-    except OSError:
-        return None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    if os.fstat(f.fileno()).st_nlink == 0:  # replayed and deleted by another process meanwhile
-        f.close()
-        return None
-    return f
-
-
-def append_lines(path: str, lines: list[str], held: dict) -> None:
-    """Append whole lines under an exclusive flock (through the open file if this process holds it) and fsync."""
-    data = "".join(line + "\n" for line in lines)
-    f = held.get(path)
-    if f is not None:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        return
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        view = memoryview(data.encode("utf-8"))
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def admission_email(batch: list[tuple[HoldRequest, asyncio.Future]], fut: asyncio.Future) -> str:
     """The email of the request whose future is fut."""

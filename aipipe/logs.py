@@ -10,7 +10,7 @@ LogRecord and passing it down the handler chain. Here the time text is made once
 server's event loop the lines of one loop turn leave in one write at the end of that turn (outside a
 running loop, each line is written at once); and `line_writer` formats access-log lines straight into the
 handler when nothing else would see their records (that step alone saved 38,000 of the 1.76 million
-instructions of a proxied chat call; README, Performance).
+instructions of a proxied chat call; docs/performance.md).
 """
 from __future__ import annotations
 

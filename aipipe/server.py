@@ -22,7 +22,7 @@ from .gateway import Gateway
 from .handlers import routes
 from .handlers.lean import LeanApplication
 from .handlers.page_base import template_environment
-from .ledger import spool_dir
+from .spool import spool_dir
 from .listener import GatewayHTTPServer
 from .logs import line_writer, write_each_line
 from .metrics import Metrics, use_multiprocess_folder, worker_exited
@@ -137,7 +137,7 @@ async def _serve(config: Config, sockets, processes: int, load_config: Callable[
         write_pid_file(pid_path)
     notify("READY=1")
     # What start-up made (modules, routes, templates, prices) lives as long as the server: leave it out of
-    # the collector's full passes, which otherwise walk it all every few thousand requests (README, Performance).
+    # the collector's full passes, which otherwise walk it all every few thousand requests (docs/performance.md).
     gc.collect()
     gc.freeze()
     stop = asyncio.Event()
@@ -150,7 +150,7 @@ async def _serve(config: Config, sockets, processes: int, load_config: Callable[
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal (the parent passes it on too) changes nothing
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
-    drain = config.get("server.drain_seconds")
+    drain = gateway.config.get("server.drain_seconds")  # as last reloaded
     log.info("shutting down: no new connections; %d requests open get up to %.0f s to finish",
              app.open_requests.count(), drain)
     server.stop()
@@ -262,7 +262,7 @@ def run(config: Config, host: str, port: int, processes: int = 1,
         raise SystemExit(1) from None
     if processes > 1 and url_scheme(config.get("storage.url")) == "sqlite":
         log.warning("%d processes on one SQLite file admit every call through the file, which measured slower than one "
-                    "process on its own (README, Performance); PostgreSQL is what scales across processes", processes)
+                    "process on its own (docs/performance.md); PostgreSQL is what scales across processes", processes)
     if processes > 1:
         # one scrape of /metrics shows every worker: their values go to files in one folder
         use_multiprocess_folder(os.path.join(tempfile.gettempdir(), f"aipipe-metrics-{os.getpid()}"))

@@ -2,7 +2,7 @@
 
 aiohttp's client parses answers in C and keeps connections open between calls; on the gateway's hot
 path it costs about two thirds of what Tornado's client did, even with connections reused there too
-(see the README's Performance section). Google's keys and OpenRouter's model list, fetched now and
+(see docs/performance.md). Google's keys and OpenRouter's model list, fetched now and
 then, still use Tornado's client.
 
 `exchange` hands an answer on as it arrives: the status line and headers once, then each network

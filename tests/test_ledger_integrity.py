@@ -16,7 +16,8 @@ import pytest
 
 from aipipe import ledger as ledger_module
 from aipipe.books import Books
-from aipipe.ledger import Ledger, spool_dir
+from aipipe.ledger import Ledger
+from aipipe.spool import spool_dir
 from aipipe.storage import Charge, open_store
 
 from .test_ledger import FlakyStore

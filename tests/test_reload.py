@@ -124,3 +124,24 @@ async def test_aipipe_reload_signals_the_running_server(tmp_path, upstream):
         assert (await post(proc.url, "anyone@example.com"))[0] == 429
     finally:
         proc.kill()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_key_changed_in_the_env_file_applies_on_reload_though_the_environment_holds_the_old_one(
+        tmp_path, upstream):
+    data = base_config(upstream.url, f"sqlite:///{tmp_path}/aipipe.db")
+    proc = ServerProcess(str(tmp_path), data)  # the environment holds the operator's key, as systemd's EnvironmentFile
+    proc.start()                               # would have put it there at start
+    try:
+        await proc.ready()
+        assert (await post(proc.url, "keys@example.com"))[0] == 200
+        with open(tmp_path / ".env", "a") as f:
+            f.write("OPENAI_API_KEY=sk-rotated-but-wrong\n")
+        proc.signal(signal.SIGHUP)
+        await until(lambda: "config reloaded" in proc.log())
+        code, body = await post(proc.url, "keys@example.com")
+        assert code == 502 and orjson.loads(body)["message"] == "provider credentials misconfigured"
+        assert upstream.state.last["headers"]["Authorization"] == "Bearer sk-rotated-but-wrong"
+        assert "sk-rotated-but-wrong" not in proc.log()
+    finally:
+        proc.kill()

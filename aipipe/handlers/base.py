@@ -68,7 +68,7 @@ class ApiHandler(tornado.web.RequestHandler):
         self.gw = gateway
 
     def set_default_headers(self) -> None:
-        self.clear_header("Server")  # Tornado's would tell which version answers (README, How money is tracked)
+        self.clear_header("Server")  # Tornado's would tell which version answers (docs/api.md)
         for name, value in CORS_HEADERS:
             self.set_header(name, value)
 

@@ -2,8 +2,8 @@
 
 A RequestHandler does a good deal per request that a passthrough has no use for: default headers built
 and validated one by one, ETags, output transforms, argument decoding and a layer of futures around the
-verb method. On a proxied chat call that was about a seventh of the gateway's instructions (README,
-Performance). `LeanApplication` serves a route whose RequestHandler names a `lean_call` class on Tornado's
+verb method: on a proxied chat call, a good share of the gateway's own work (docs/performance.md).
+`LeanApplication` serves a route whose RequestHandler names a `lean_call` class on Tornado's
 HTTPMessageDelegate interface instead, with an instance of that class (a `LeanCall`), which offers the part
 of RequestHandler's interface the passthrough uses.
 

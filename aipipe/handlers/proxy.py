@@ -41,7 +41,7 @@ DROP_RESPONSE_HEADERS = frozenset({
     # about the provider's own origin, not ours: HTTP/3 endpoints and HSTS for api.openai.com and the like
     "alt-svc", "strict-transport-security",
     # the gateway answers with its own Date and no Server; the provider's CDN and proxy internals stay there
-    # (relaying a header through Tornado costs about 15,000 instructions: README, Performance)
+    # (relaying a header through Tornado costs about 15,000 instructions: docs/performance.md)
     "date", "server", "cf-ray", "cf-cache-status", "x-envoy-upstream-service-time",
 })
 KEY_REJECTED = "provider credentials misconfigured"
