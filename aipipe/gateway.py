@@ -95,6 +95,8 @@ class Gateway:
         self.ledger.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._prune_forever()))
+        if self.metrics.multiprocess:  # other workers answer scrapes too: they read what this one flushed
+            self._tasks.append(loop.create_task(self._flush_metrics_forever()))
         if self.books is not None:
             await self.store.changed_elsewhere()  # the baseline later checks compare with
             self._tasks.append(loop.create_task(self._watch_store()))
@@ -104,8 +106,14 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await self.ledger.close()
+        self.metrics.flush()
         self.http.close()
         await self.upstream.close()
+
+    async def _flush_metrics_forever(self, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.metrics.flush()
 
     async def _prune_forever(self, every: float = 60.0) -> None:
         while True:
@@ -221,7 +229,7 @@ class Gateway:
         """The admission, or the 429 that tells why it was refused."""
         if admission.refused is None:
             return admission
-        self.metrics.child(self.metrics.refusals, admission.refused).inc()
+        self.metrics.add(self.metrics.refusals, (admission.refused,))
         if admission.refused == "budget":
             # waiting will not help until the window moves on: the OpenAI SDKs honour x-should-retry and give up at once
             raise ApiError(429, over_budget_message(admission.spent + admission.held, budget, request.amount),

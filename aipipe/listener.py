@@ -61,17 +61,24 @@ class Throttled:
 class GatewayHTTPServer(tornado.httpserver.HTTPServer):
     """An HTTPServer whose accept loop caps open connections and survives running out of descriptors."""
 
-    def initialize(self, *args, max_connections: int = 4096, **kwargs) -> None:
+    def initialize(self, *args, max_connections: int = 4096, body_seconds: float | None = None, **kwargs) -> None:
         super().initialize(*args, **kwargs)
+        # Tornado's own body_timeout wraps every body read in gen.with_timeout, several hundred bytecodes a
+        # request; one sweep a second over the requests whose body is still coming costs a dict entry each
+        self.body_seconds = body_seconds
+        self._bodies: dict[object, float] = {}  # requests whose body is being read -> when their headers came
+        self._sweeping = None
         self.max_connections = max(1, min(max_connections, raise_open_file_limit() - RESERVED_FDS))
         self.refused = Throttled("refused %d connections over the cap of open connections%s")
         self.evicted = Throttled("closed %d connections that waited longest for a request, to make room%s")
+        self.slow_bodies = Throttled("closed %d connections whose request body took too long%s")
         self.failed_accepts = Throttled("accepting connections failed %d times (%s); pausing briefly")
         # connections waiting for a request's headers, oldest first, and the request each is waiting on
         self._waiting: dict[object, object] = {}
         self._connection_of: dict[object, object] = {}
         if hasattr(self.request_callback, "headers_in"):  # the application says when a request's headers are in
-            self.request_callback.headers_in = self.headers_in
+            self.request_callback.headers_in = self.headers_in  # and its body
+            self.request_callback.body_in = self.body_in
 
     def start_request(self, server_conn, request_conn):
         self._waiting[server_conn] = request_conn
@@ -83,6 +90,31 @@ class GatewayHTTPServer(tornado.httpserver.HTTPServer):
         server_conn = self._connection_of.pop(request_conn, None)
         if server_conn is not None:
             self._waiting.pop(server_conn, None)
+        if self.body_seconds:
+            self._bodies[request_conn] = time.monotonic()
+
+    def body_in(self, request_conn) -> None:
+        """A request's body has arrived whole (or there was none)."""
+        self._bodies.pop(request_conn, None)
+
+    def _sweep_bodies(self) -> None:
+        """Close the connections whose request body has taken longer than body_seconds; look again in a second."""
+        too_old = time.monotonic() - self.body_seconds
+        bodies = self._bodies
+        while bodies:
+            request_conn, since = next(iter(bodies.items()))
+            if since > too_old:
+                break
+            del bodies[request_conn]
+            self.slow_bodies.note(f" ({self.body_seconds:g} s)")
+            request_conn.close()
+        self._sweeping = IOLoop.current().call_later(1.0, self._sweep_bodies)
+
+    def stop(self) -> None:
+        if self._sweeping is not None:
+            IOLoop.current().remove_timeout(self._sweeping)
+            self._sweeping = None
+        super().stop()
 
     def on_close(self, server_conn) -> None:
         request_conn = self._waiting.pop(server_conn, None)
@@ -101,6 +133,8 @@ class GatewayHTTPServer(tornado.httpserver.HTTPServer):
         return True
 
     def add_sockets(self, sockets) -> None:
+        if self.body_seconds and self._sweeping is None:
+            self._sweeping = IOLoop.current().call_later(1.0, self._sweep_bodies)
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
             self._handlers[sock.fileno()] = self._accept_on(sock)

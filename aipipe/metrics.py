@@ -5,11 +5,16 @@ folder (prometheus-client's multiprocess mode, switched on by PROMETHEUS_MULTIPR
 first imported: see `use_multiprocess_folder`), and one scrape of any worker adds up all of them.
 
 Labels carry provider names, route classes, statuses, token kinds and refusal reasons only: never an email,
-a token, a key or a model name a caller typed (which could be anything). Each labelled child is looked up
-once and kept, so a call pays a dictionary lookup and an addition per metric.
+a token, a key or a model name a caller typed (which could be anything).
+
+A call's counts and timings go into plain dictionaries first (a dictionary update each, where going
+through prometheus-client's locked values cost several times a proxied call's other bookkeeping) and are
+added to the library's metrics in bulk: at every scrape of this process, and once a second in
+multiprocess mode so that a scrape answered by another worker is at most that old.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 
@@ -64,6 +69,8 @@ class Metrics:
         self.spooled = Counter(f"{PREFIX}_spooled_charges", "Charges written to the spool because the store was down",
                                registry=reg)
         self._children: dict = {}
+        self._added: dict[tuple, float] = {}  # (metric, labels) -> amount not yet added to it
+        self._timed: dict[tuple, list] = {}  # (histogram, labels) -> [count per bucket, sum] not yet observed
 
     def child(self, metric, *labels: str):
         """metric.labels(*labels), looked up once."""
@@ -73,23 +80,55 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    def add(self, metric, labels: tuple, amount: float = 1) -> None:
+        """Add amount to a counter or gauge (negative for a gauge going down), at the next flush."""
+        key = (metric, labels)
+        added = self._added
+        added[key] = added.get(key, 0) + amount
+
+    def observe(self, histogram, labels: tuple, value: float) -> None:
+        """Observe value in a histogram, at the next flush."""
+        key = (histogram, labels)
+        found = self._timed.get(key)
+        if found is None:
+            found = self._timed[key] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0]
+        found[0][bisect.bisect_left(LATENCY_BUCKETS, value)] += 1  # bucket i: value <= LATENCY_BUCKETS[i]
+        found[1] += value
+
+    def flush(self) -> None:
+        """Add what was gathered since the last flush to prometheus-client's metrics."""
+        added, self._added = self._added, {}
+        for (metric, labels), amount in added.items():
+            child = self.child(metric, *labels)  # made even when the sum is 0: a gauge back at 0 still shows
+            if amount:
+                child.inc(amount)
+        timed, self._timed = self._timed, {}
+        for (histogram, labels), (counts, total) in timed.items():
+            child = self.child(histogram, *labels)
+            # prometheus-client keeps a histogram as one value per bucket (not cumulative) and a sum
+            for bucket, n in zip(child._buckets, counts):
+                if n:
+                    bucket.inc(n)
+            child._sum.inc(total)
+
     def request_done(self, provider: str, route: str, status: int) -> None:
         """Count one answered request."""
-        self.child(self.requests, provider, route, str(status)).inc()
+        self.add(self.requests, (provider, route, str(status)))
 
     def charged(self, provider: str, cost: float, input_tokens: int, output_tokens: int) -> None:
         """Count a billed call's cost and tokens."""
         if cost > 0:
-            self.child(self.cost, provider).inc(cost)
+            self.add(self.cost, (provider,), cost)
         if input_tokens > 0:
-            self.child(self.tokens, provider, "input").inc(input_tokens)
+            self.add(self.tokens, (provider, "input"), input_tokens)
         if output_tokens > 0:
-            self.child(self.tokens, provider, "output").inc(output_tokens)
+            self.add(self.tokens, (provider, "output"), output_tokens)
 
     def scrape(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+        self.flush()
         registry = self.registry
         if registry is None:
             from prometheus_client import multiprocess

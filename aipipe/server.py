@@ -98,7 +98,7 @@ def make_server(app: LeanApplication, config: Config) -> GatewayHTTPServer:
     """The HTTP server for app, with the connection, header and body bounds of config."""
     return GatewayHTTPServer(
         app, xheaders=config.get("server.xheaders"), max_connections=config.get("server.max_connections"),
-        idle_connection_timeout=config.get("server.idle_seconds"), body_timeout=config.get("server.body_seconds"),
+        idle_connection_timeout=config.get("server.idle_seconds"), body_seconds=config.get("server.body_seconds"),
         # the application holds bodies to server.max_body_bytes itself, with a JSON 413 (handlers.intake);
         # Tornado's own check would answer a bare 400 before it could
         max_body_size=1 << 62)

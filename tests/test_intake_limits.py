@@ -160,6 +160,21 @@ async def test_a_half_sent_request_is_closed_after_idle_seconds(bounded_server, 
         writer.close()
 
 
+@pytest.mark.gen_test
+async def test_a_body_sent_slower_than_body_seconds_is_cut(bounded_server, upstream):
+    port = await bounded_server(body_seconds=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write((f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token('slow@example.com')}"
+                  "\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"").encode())
+    try:
+        assert await asyncio.wait_for(reader.read(-1), 30) == b""  # closed, the rest of the body never waited for
+    finally:
+        writer.close()
+    assert upstream.state.requests == []
+    status, _, _ = status_and_json(await exchange(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert status == 404  # and the server goes on serving
+
+
 class FlakySocket(socket.socket):
     """A listening socket whose accept() fails as a process out of file descriptors does, while `failing`."""
 

@@ -97,11 +97,12 @@ async def test_one_scrape_shows_every_worker_of_a_multiprocess_server(tmp_path, 
                                             "Connection": "close"}, raise_error=False)
             assert r.code == 200
         client.close()
+        key = ("aipipe_requests_total", frozenset({"provider": "openai", "route": "provider", "status": "200"}.items()))
+        await asyncio.sleep(1.2)  # each worker adds its counts to the shared files once a second
         counts = []
         for _ in range(4):  # whichever worker answers, the sum is the same
             r = await AsyncHTTPClient(force_instance=True).fetch(proc.url + "/metrics", headers={"Connection": "close"})
-            counts.append(samples(r.body)[("aipipe_requests_total",
-                                           frozenset({"provider": "openai", "route": "provider", "status": "200"}.items()))])
+            counts.append(samples(r.body)[key])
         assert counts == [calls] * 4
         proc.signal(signal.SIGTERM)
         assert await proc.exited() == 0

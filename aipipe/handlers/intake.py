@@ -116,6 +116,7 @@ class Guarded(httputil.HTTPMessageDelegate):
         return self.inner.data_received(chunk) if self.intake.count(chunk) else None
 
     def finish(self) -> None:
+        self.intake.application.body_in(self.intake.request.connection)
         if not self.intake.refused:
             self.inner.finish()
 

@@ -27,7 +27,7 @@ from tornado.log import app_log, gen_log
 from ..drain import OpenRequests
 from ..errors import ApiError
 from .base import CORS_HEADERS, INVALID_URL
-from .intake import Guarded, Intake, answer_error
+from .intake import TOO_LARGE, Guarded, Intake, answer_error, size_error
 
 REASON_PHRASE = re.compile(r"[\t\x20-\x7e\x80-\xff]+")  # RFC 9112: HTAB, SP, VCHAR, obs-text
 VALID_HEADER_VALUE = re.compile(r"[\x09\x20-\x7e\x80-\xff]*")  # RFC 9110 field values, as Tornado checks them
@@ -191,32 +191,45 @@ class LeanCall:
 
 
 class _LeanDelegate(httputil.HTTPMessageDelegate):
-    """Judges the request on its headers, gathers the body, then serves the request with a LeanCall."""
+    """Judges the request on its headers, gathers the body, then serves the request with a LeanCall.
+
+    The size and token checks are handlers.intake's, inlined: this runs for every provider call."""
 
     def __init__(self, application, request, call_class, fallback, kwargs, path_args, limit: int) -> None:
         self.application, self.request = application, request
         self.call_class, self.fallback, self.kwargs, self.path_args = call_class, fallback, kwargs, path_args
         self.chunks: list[bytes] = []
-        self.intake = Intake(application, request, fallback, kwargs, path_args, limit)
+        self.limit, self.received, self.refused = limit, 0, False
         self.checked = None
 
     def headers_received(self, start_line, headers) -> None:
-        intake = self.intake
-        intake.check_headers(False)
-        if not intake.refused:
+        error = size_error(headers, self.limit)
+        if error is None:
             try:
                 self.checked = self.call_class.check_headers(self.request, self.kwargs)
+                return
             except ApiError as e:
-                intake.refuse(e)
+                error = e
+        self._refuse(error)
+
+    def _refuse(self, error: ApiError) -> None:
+        self.refused = True
+        answer_error(self.application, self.request, self.fallback, self.kwargs, self.path_args, error, early=True)
 
     def data_received(self, chunk: bytes) -> None:
-        if self.intake.count(chunk):
-            self.chunks.append(chunk)
+        if self.refused:
+            return
+        self.received += len(chunk)
+        if self.received > self.limit:
+            self._refuse(ApiError(413, TOO_LARGE.format(limit=self.limit)))
+            return
+        self.chunks.append(chunk)
 
     def finish(self) -> None:
-        if self.intake.refused:
-            return
         request = self.request
+        self.application.body_in(request.connection)
+        if self.refused:
+            return
         chunks = self.chunks
         request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         call = self.call_class(self.application, request, self.fallback, self.kwargs)
@@ -241,6 +254,9 @@ class LeanApplication(tornado.web.Application):
 
     def headers_in(self, request_connection) -> None:
         """Told when a request's headers are in (the serving GatewayHTTPServer replaces this)."""
+
+    def body_in(self, request_connection) -> None:
+        """Told when a request's body is in (the serving GatewayHTTPServer replaces this)."""
 
     def get_handler_delegate(self, request, target_class, target_kwargs=None, path_args=None, path_kwargs=None):
         self.headers_in(request.connection)

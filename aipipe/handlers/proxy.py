@@ -87,7 +87,7 @@ class ProviderCall(LeanCall):
         self.call, self.outcome, self.native = call, Outcome(), native
         self.outcome.aborted = self._client_gone  # left while the call was being prepared or admitted
         self._priced = False  # outcome.cost is final (a JSON answer, priced for its X-AIPipe-Cost header)
-        self._stream_gauge = None  # the open-streams gauge while this call relays an event stream
+        self._stream_gauge = None  # the open-streams gauge's labels while this call relays an event stream
         try:
             await self._forward(key)
         except asyncio.CancelledError:
@@ -97,7 +97,7 @@ class ProviderCall(LeanCall):
             raise
         finally:
             if self._stream_gauge is not None:
-                self._stream_gauge.dec()
+                self.gw.metrics.add(self.gw.metrics.open_streams, self._stream_gauge, -1)
             if not self._priced:
                 self.outcome.cost = self._cost()
             if admission is not None:
@@ -125,7 +125,7 @@ class ProviderCall(LeanCall):
             connect_timeout=min(30.0, timeout), timeout=timeout,
             on_start=self._on_response_start, on_chunk=self._on_chunk)
         metrics = self.gw.metrics
-        metrics.child(metrics.upstream_seconds, self.provider_name).observe(time.perf_counter() - self._sent_at)
+        metrics.observe(metrics.upstream_seconds, (self.provider_name,), time.perf_counter() - self._sent_at)
         if error is not None and not self._mode:
             raise self._connection_error(error)
         if error is not None:
@@ -166,11 +166,11 @@ class ProviderCall(LeanCall):
         self._mode = "sse" if "text/event-stream" in ctype else "json" if "json" in ctype else "raw"
         if self._mode == "sse":
             self._events = EventSplitter()
-            self._stream_gauge = self.gw.metrics.child(self.gw.metrics.open_streams, self.provider_name)
-            self._stream_gauge.inc()
+            self._stream_gauge = (self.provider_name,)
+            self.gw.metrics.add(self.gw.metrics.open_streams, self._stream_gauge)
         self._received_at = time.perf_counter()
         metrics = self.gw.metrics
-        metrics.child(metrics.upstream_ttfb, self.provider_name).observe(self._received_at - self._sent_at)
+        metrics.observe(metrics.upstream_ttfb, (self.provider_name,), self._received_at - self._sent_at)
         self.set_status(status, reason or None)
         copy_upstream_headers(self, headers, DROP_RESPONSE_HEADERS)
         if self._mode != "json":
