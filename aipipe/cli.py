@@ -65,6 +65,8 @@ def _config(args, need_secret: bool = False, reloading: bool = False) -> Config:
     env = load_env(args.env_file, file_wins=reloading)
     if need_secret:
         ensure_secret(env, args.env_file or ".env")
+    if reloading and len(env.get("AIPIPE_SECRET", "").encode()) < MIN_SECRET_BYTES:  # never generate one then
+        raise ConfigError(f"AIPIPE_SECRET is missing or shorter than {MIN_SECRET_BYTES} bytes")
     return load_config(args.config, env)
 
 

@@ -32,13 +32,9 @@ class OpenRequests:
         self.handlers.add(handler)
 
     def open_handlers(self) -> list:
-        """RequestHandlers that have not finished and whose client is still there."""
-        found = []
-        for handler in list(self.handlers):
-            stream = getattr(handler.request.connection, "stream", None)
-            if not handler._finished and stream is not None and not stream.closed():
-                found.append(handler)
-        return found
+        """RequestHandlers that have not finished (a client that left does not end a /similarity call, which is
+        still billed when its provider answers)."""
+        return [handler for handler in list(self.handlers) if not handler._finished]
 
     def count(self) -> int:
         """How many requests are open."""

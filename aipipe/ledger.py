@@ -71,6 +71,7 @@ class Ledger:
         self._hurry = asyncio.Event()  # set when someone waits on the writer: stop gathering charges
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._closed = False  # close() has spooled what was left: later charges go to the spool directly
         self._settle_after = 0.0  # monotonic time before which a failed settle is not retried
         self._down_until = 0.0  # admissions fail at once until then, after the store failed one
         self._settle_failing = False  # the last attempt to write charges failed
@@ -149,6 +150,10 @@ class Ledger:
             charge.hold_id = None  # not a row in the store
         if not charge.charge_id:
             charge.charge_id = f"{self._id_prefix}{self._next_id()}"
+        if self._closed:  # a call that ended after close() (a shutdown's last stragglers): straight to the spool
+            fut = self._future()
+            fut.set_result(self.spool.write([charge]))
+            return fut
         self._settles.append(charge)
         self._queued += 1
         self._wake.set()
@@ -323,6 +328,7 @@ class Ledger:
                 pass  # logged as the writer ended
         spooled = not self._settles or self.spool.write(self._settles)
         self._settles = []
+        self._closed = True
         self.spool.release(delete=spooled, keep=self.spool.path)  # what they still held is in our own file now
         for _, f in self._reserves + self._loads:
             if not f.done():

@@ -117,7 +117,7 @@ class Metrics:
 
     def charged(self, provider: str, cost: float, input_tokens: int, output_tokens: int) -> None:
         """Count a billed call's cost and tokens."""
-        if cost > 0:
+        if 0 < cost < float("inf"):
             self.add(self.cost, (provider,), cost)
         if input_tokens > 0:
             self.add(self.tokens, (provider, "input"), input_tokens)

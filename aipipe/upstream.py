@@ -92,11 +92,8 @@ class Upstream:
                                 await pending
                     return None
                 except (aiohttp.ClientError, OSError) as error:
-                    # a kept-alive connection the provider closed shows as a disconnect, or as a reset while
-                    # the request was being written (aiohttp's ClientOSError)
-                    stale = (isinstance(error, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
-                             and not isinstance(error, aiohttp.ClientConnectorError)
-                             and method not in IDEMPOTENT and loop.time() - sent < STALE_WINDOW)
+                    stale = (method not in IDEMPOTENT and loop.time() - sent < STALE_WINDOW
+                             and is_stale_connection(error))
                     if started or attempt == 2 or not stale:
                         return error
                 except TimeoutError as error:  # aiohttp's connect timeout
@@ -159,6 +156,17 @@ def _connect_timeout(seconds: float) -> aiohttp.ClientTimeout:
 def header(lines: Headers, name: str) -> str:
     """The first value of header `name` (lower-case) among an answer's header lines, else ""."""
     return next((value for key, value in lines if key.lower() == name), "")
+
+
+def is_stale_connection(error: BaseException) -> bool:
+    """Whether error is a kept-alive connection the provider had closed: a disconnect before any answer, or a
+    reset while the request was still being written (then the provider cannot have acted on it). A reset
+    after the request was sent whole is not: the provider may have started on it, and sending it again could
+    have it run, and cost, twice."""
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return True
+    return (isinstance(error, aiohttp.ClientOSError) and not isinstance(error, aiohttp.ClientConnectorError)
+            and str(error).startswith("Can not write request body"))  # aiohttp's words for a failed write
 
 
 def is_timeout(error: BaseException) -> bool:

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import orjson
 
 
+MAX_COUNT = 2**53  # tokens or characters no answer reaches; above it a float price would lose precision
+
+
 @dataclass(slots=True)  # not frozen: a frozen dataclass takes three times as long to create
 class Usage:
     """Token counts of one call; subsets (cached, audio, image, reasoning) are included in the totals."""
@@ -41,15 +44,17 @@ def parse_answer(data: bytes):
 
 
 def _int(d: dict | None, *keys: str) -> int:
-    """The first of keys that holds a number, as a count: 0 when absent or negative (a credit is never billed)."""
+    """The first of keys that holds a number, as a count: 0 when absent, negative or NaN (a credit is never
+    billed); MAX_COUNT for a count past any real answer, which the caller then prices as it would an answer
+    whose usage it cannot trust (providers.base: the call's hold)."""
     if not isinstance(d, dict):
         return 0
     for k in keys:
         v = d.get(k)
         if v.__class__ is int:  # the usual case, tested first (bool, a subclass of int, is not a count)
-            return v if v > 0 else 0
+            return v if 0 < v < MAX_COUNT else MAX_COUNT if v > 0 else 0
         if isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)):
-            return int(v) if 0 < v < math.inf else 0  # NaN, infinities and negatives count nothing
+            return int(v) if 0 < v < MAX_COUNT else MAX_COUNT if v >= MAX_COUNT else 0  # NaN > x is False: 0
     return 0
 
 
@@ -77,7 +82,8 @@ def read_usage(obj) -> Usage | None:
 
 def _openai_usage(u: dict, model: str) -> Usage:
     given, made = u.get("prompt_tokens"), u.get("completion_tokens")
-    if given.__class__ is int and made.__class__ is int and given >= 0 and made >= 0:  # Chat Completions' usual case
+    if (given.__class__ is int and made.__class__ is int and 0 <= given < MAX_COUNT
+            and 0 <= made < MAX_COUNT):  # Chat Completions' usual case
         usage = Usage(given, made, model=model)
     else:
         usage = Usage(_int(u, "prompt_tokens", "input_tokens"), _int(u, "completion_tokens", "output_tokens"), model=model)

@@ -477,6 +477,8 @@ async def resetting_provider():
     import socket
     import struct
 
+    received: list[bytes] = []  # request lines the provider read whole
+
     async def handle(reader, writer):
         served = 0
         try:
@@ -485,6 +487,7 @@ async def resetting_provider():
                 length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), 0)
                 await reader.readexactly(length)
+                received.append(head.split(b"\r\n", 1)[0])
                 if served:
                     sock = writer.get_extra_info("socket")
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -498,21 +501,51 @@ async def resetting_provider():
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
 
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server.received = received
+    return server
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_a_reused_connection_reset_by_the_provider_is_retried_not_a_502(make_gateway, serve, call):
+async def test_a_request_the_provider_took_whole_and_then_reset_is_not_sent_twice(make_gateway, serve, call):
     server = await resetting_provider()
     try:
         port = server.sockets[0].getsockname()[1]
         gw = await make_gateway(providers={"openai": {"base_url": f"http://127.0.0.1:{port}"}})
         base = serve(gw)
-        for _ in range(2):
-            r = await call(base + CHAT, "POST", json=chat(), token=token("reset@example.com"))
-            assert r.code == 200, r.body
+        first = await call(base + CHAT, "POST", json=chat(), token=token("reset@example.com"))
+        assert first.code == 200, first.body
+        second = await call(base + CHAT, "POST", json=chat(), token=token("reset@example.com"))
+        # the provider had the whole request when it reset: it may have started on it, so it is not run again
+        assert_json_error(second, 502, "Could not reach openai: the connection failed")
+        assert len(server.received) == 2
         rows = await charges(gw, "reset@example.com")
         assert [row["cost"] for row in rows] == [pytest.approx(price_of("openai", OPENAI_MODEL, Usage(40, 9)),
-                                                               abs=1e-9)] * 2
+                                                               abs=1e-9)]
+        third = await call(base + CHAT, "POST", json=chat(), token=token("reset@example.com"))
+        assert third.code == 200  # a fresh connection serves the next call
     finally:
         server.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("count", [b"1" + b"0" * 400, b"1e308", b"9007199254740993"])
+async def test_usage_counts_no_price_can_use_are_billed_the_calls_hold_not_nothing(make_gateway, serve, call,
+                                                                                   store_kind, count):
+    body = (b'{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],'
+            b'"usage":{"prompt_tokens":' + count + b',"completion_tokens":1},"x":NaN}')
+    provider = ScriptedProvider(fault_once([http_head(ctype="application/json", length=len(body)) + body]))
+    try:
+        gw, base = await gateway_on(make_gateway, serve, provider)
+        request = chat()
+        r = await call(base + CHAT, "POST", json=request, token=token("huge@example.com"))
+        assert r.code == 200 and r.body == body
+        rows = await charges(gw, "huge@example.com")
+        call_ = Call("POST", CHAT, "", HTTPHeaders({"Content-Type": "application/json"}), orjson.dumps(request))
+        await PROVIDERS["openai"].prepare(call_, gw)
+        billed = float(r.headers["X-AIPipe-Cost"])
+        assert [row["cost"] for row in rows] == [pytest.approx(billed, abs=1e-9)]
+        assert billed == pytest.approx(call_.hold, abs=1e-9) and billed > 0  # the most the call could cost
+        await follow_up_succeeds(call, base, "huge@example.com")
+    finally:
+        await provider.close()

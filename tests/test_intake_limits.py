@@ -175,6 +175,29 @@ async def test_a_body_sent_slower_than_body_seconds_is_cut(bounded_server, upstr
     assert status == 404  # and the server goes on serving
 
 
+@pytest.mark.gen_test
+async def test_an_error_answer_leaves_the_next_request_on_its_connection_alone(bounded_server, upstream):
+    upstream.state.event_delay = 0.4  # a stream that outlives body_seconds
+    port = await bounded_server(body_seconds=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    auth = f"Authorization: Bearer {token('keepalive@example.com')}\r\nContent-Type: application/json\r\n"
+    try:
+        bad = orjson.dumps(chat("no-such-model"))
+        writer.write(f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len(bad)}"
+                     f"\r\n\r\n".encode() + bad)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 400")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        good = orjson.dumps(chat(stream=True))  # the same connection, kept alive, as SDKs pool it
+        writer.write(f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n"
+                     f"Content-Length: {len(good)}\r\n\r\n".encode() + good)
+        answer = await asyncio.wait_for(reader.read(-1), 30)
+        assert answer.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in answer  # not cut by the body sweep
+    finally:
+        writer.close()
+
+
 class FlakySocket(socket.socket):
     """A listening socket whose accept() fails as a process out of file descriptors does, while `failing`."""
 

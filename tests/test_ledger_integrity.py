@@ -347,3 +347,20 @@ async def test_replaying_the_same_spool_file_twice_charges_once(store, tmp_path)
     assert spool_files(folder) == []
     assert await store.spend(USER, DAY) == pytest.approx(0.8125, abs=1e-9)
     assert len(await ledger_rows(store)) == 3
+
+
+@pytest.mark.gen_test
+async def test_a_charge_settled_after_close_goes_to_the_spool_and_is_billed_at_the_next_start(store, store_url,
+                                                                                              tmp_path):
+    folder = spool_dir(store_url, state_dir=str(tmp_path))
+    ledger = Ledger(store, spool_dir=folder)
+    ledger.start()
+    await ledger.close()
+    assert await ledger.settle(charge(0.375))  # a call that ended during the shutdown's last moments
+    assert len(spool_files(folder)) == 1
+    again = Ledger(store, spool_dir=folder)
+    again.start()
+    await again.flush()
+    await again.close()
+    assert await store.spend(USER, DAY) == pytest.approx(0.375, abs=1e-9)
+    assert spool_files(folder) == []

@@ -70,7 +70,9 @@ async def test_plain_paths_still_reach_the_provider_exactly_as_written(http_serv
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("path", ["/v1/files", "/v1/files/file-1", "/v1/uploads", "/v1/uploads/upload_1/parts",
-                                  "/v1/moderations", "/v1/batches/batch_1/cancel", "/v1/responses/resp_1/cancel"])
+                                  "/v1/moderations", "/v1/batches/batch_1/cancel", "/v1/responses/resp_1/cancel",
+                                  "/v1/threads/thread_1/runs/run_1/cancel", "/v1/fine_tuning/jobs/ftjob-1/pause",
+                                  "/v1/fine_tuning/jobs/ftjob-1/resume"])
 async def test_free_openai_posts_are_forwarded_unpriced(path, call, gateway, upstream):
     r = await call("/openai" + path, "POST", json={"input": "x"}, token=token("free@example.com"))
     assert r.code == 200 and upstream.state.last["path"] == path

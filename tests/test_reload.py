@@ -145,3 +145,20 @@ async def test_a_key_changed_in_the_env_file_applies_on_reload_though_the_enviro
         assert "sk-rotated-but-wrong" not in proc.log()
     finally:
         proc.kill()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_reload_that_would_empty_the_secret_is_refused_and_tokens_keep_working(tmp_path, upstream):
+    data = base_config(upstream.url, f"sqlite:///{tmp_path}/aipipe.db")
+    proc = ServerProcess(str(tmp_path), data)
+    proc.start()
+    try:
+        await proc.ready()
+        with open(tmp_path / ".env", "a") as f:
+            f.write("AIPIPE_SECRET=\n")
+        proc.signal(signal.SIGHUP)
+        await until(lambda: "config not reloaded" in proc.log())
+        assert "AIPIPE_SECRET is missing or shorter than" in proc.log()
+        assert (await post(proc.url, "secret@example.com"))[0] == 200
+    finally:
+        proc.kill()

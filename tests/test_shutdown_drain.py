@@ -123,3 +123,22 @@ async def test_streams_open_at_the_drain_deadline_are_cut_and_billed_their_estim
         # no usage was reported before the cut: billed at least the smallest estimate there is (the prompt)
         assert r["cost"] >= body_bytes // 4 * MINI_IN and r["aborted"] and r["streamed"]
     assert "cut 3 calls still open" in proc.log()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_similarity_call_whose_client_left_is_still_billed_across_a_sigterm(server, upstream):
+    upstream.state.delay = 1.5  # the embeddings answer comes after the client left and SIGTERM arrived
+    proc = server()
+    await proc.ready()
+    body = orjson.dumps({"docs": ["alpha", "beta"], "topics": ["gamma"]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+    writer.write(f"POST /similarity HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token('gone@example.com')}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    await until(lambda: len(upstream.state.requests) == 1)  # the gateway has asked the provider
+    writer.close()  # the client leaves
+    proc.signal(signal.SIGTERM)
+    assert await proc.exited() == 0
+    rows = proc.ledger()
+    assert [(r["email"], r["provider"]) for r in rows] == [("gone@example.com", "openai")]
+    assert rows[0]["cost"] > 0

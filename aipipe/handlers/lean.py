@@ -259,13 +259,15 @@ class LeanApplication(tornado.web.Application):
         """Told when a request's body is in (the serving GatewayHTTPServer replaces this)."""
 
     def get_handler_delegate(self, request, target_class, target_kwargs=None, path_args=None, path_kwargs=None):
-        self.headers_in(request.connection)
+        judged = not getattr(target_class, "guarded", True)  # an error answer made for a request already judged
+        if not judged:  # (its connection may be serving the next request by the time the answer is made)
+            self.headers_in(request.connection)
         lean = getattr(target_class, "lean_call", None)
         if lean is not None and request.method in lean.SUPPORTED_METHODS and not path_kwargs:
             return _LeanDelegate(self, request, lean, target_class, target_kwargs or {}, path_args or [],
                                  self.max_body_bytes)
         delegate = super().get_handler_delegate(request, target_class, target_kwargs, path_args, path_kwargs)
-        if not getattr(target_class, "guarded", True):  # an error answer made for a request already judged
+        if judged:
             return delegate
         intake = Intake(self, request, target_class, target_kwargs or {}, path_args or [], self.max_body_bytes)
         return Guarded(delegate, intake, getattr(target_class, "token_before_body", False))

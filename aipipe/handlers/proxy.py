@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable
 
@@ -28,7 +29,7 @@ from ..stream_usage import (
     usage_only,
 )
 from ..upstream import Headers, describe, header, is_timeout
-from ..usage import parse_answer
+from ..usage import MAX_COUNT, parse_answer
 from .base import INVALID_URL, ApiHandler, copy_upstream_headers
 from .lean import LeanCall
 
@@ -108,9 +109,16 @@ class ProviderCall(LeanCall):
         call, out = self.call, self.outcome
         if not call.billable or not (200 <= out.status < 300 or out.cut):
             return 0.0
-        if out.usage is not None:
-            return self.provider.cost(call, out.usage)
-        return streamed_estimate(call, out.output_bytes)
+        if out.usage is None:
+            return streamed_estimate(call, out.output_bytes)
+        usage = out.usage
+        if usage.input_tokens >= MAX_COUNT or usage.output_tokens >= MAX_COUNT:
+            return call.hold  # a count past any real answer: billed the most the call could cost, never nothing
+        try:
+            cost = self.provider.cost(call, usage)
+        except ArithmeticError:
+            cost = math.inf
+        return cost if 0.0 <= cost < math.inf else call.hold
 
     async def _forward(self, key: str) -> None:
         call = self.call

@@ -12,7 +12,8 @@ from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price,
 # keeps that path plain): any other POST is priced, so an unexpected spelling costs money, never the reverse.
 FREE_POST = re.compile(
     r"/v1/(?:files(?:/[^/]+)?|uploads(?:/[^/]+/(?:parts|complete|cancel))?|moderations"
-    r"|(?:batches|responses|fine_tuning/jobs|vector_stores/[^/]+/file_batches)/[^/]+/cancel)")
+    r"|(?:batches|responses|fine_tuning/jobs|vector_stores/[^/]+/file_batches|threads/[^/]+/runs)/[^/]+/cancel"
+    r"|fine_tuning/jobs/[^/]+/(?:pause|resume))")
 
 
 class OpenAI(Provider):
