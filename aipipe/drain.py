@@ -19,13 +19,8 @@ class OpenRequests:
     """Provider-call tasks and RequestHandlers still at work."""
 
     def __init__(self) -> None:
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task] = set()  # provider calls' tasks: added and taken out by handlers.lean
         self.handlers: weakref.WeakSet = weakref.WeakSet()
-
-    def add_task(self, task: asyncio.Task) -> None:
-        """Track a provider call's task until it is done."""
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     def add_handler(self, handler) -> None:
         """Track a RequestHandler until it finishes or its client leaves."""

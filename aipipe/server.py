@@ -34,7 +34,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 access_log = logging.getLogger("aipipe.access")
 
 
-def access_logger() -> Callable[[tornado.web.RequestHandler], None]:
+def access_logger(metrics: Metrics | None = None) -> Callable[[tornado.web.RequestHandler], None]:
     """Tornado's log_function: one access-log line per request with its status, method, path, milliseconds and client,
     and the caller's email, provider, model and cost when the handler knows them. Query strings are left out (they
     can carry credentials). Made when the app is, to take logs.line_writer's fast path if the logging set-up allows."""
@@ -45,13 +45,18 @@ def access_logger() -> Callable[[tornado.web.RequestHandler], None]:
 
     def log_request(handler: tornado.web.RequestHandler) -> None:
         status = handler.get_status()
+        provider = getattr(handler, "provider_name", None)
+        if metrics is not None:  # counted here, with the line: one call per request for both
+            route = getattr(handler, "route_class", "other")
+            metrics.request_done(provider or "", route, status)
+            if route == "health" and status < 400:  # a monitor's polls would drown the log
+                return
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         request = handler.request
         ms = 1000.0 * request.request_time()
         message = f"{status} {request.method} {request.path} {ms:.1f}ms {request.remote_ip}"
         # a ProviderCall's caller is `checked` (None for a native key), other handlers' `identity`
         email = getattr(getattr(handler, "checked", None) or getattr(handler, "identity", None), "email", None)
-        provider = getattr(handler, "provider_name", None)
         model = getattr(getattr(handler, "call", None), "model", None)
         cost = getattr(getattr(handler, "outcome", None), "cost", None)
         if email:
@@ -77,19 +82,9 @@ def access_logger() -> Callable[[tornado.web.RequestHandler], None]:
     return log_request
 
 
-def counted(log_request: Callable[[tornado.web.RequestHandler], None], metrics: Metrics):
-    """log_request, after counting the request in metrics; /healthz polls that succeed are not logged."""
-    def log_and_count(handler: tornado.web.RequestHandler) -> None:
-        route, status = getattr(handler, "route_class", "other"), handler.get_status()
-        metrics.request_done(getattr(handler, "provider_name", ""), route, status)
-        if route != "health" or status >= 400:
-            log_request(handler)
-    return log_and_count
-
-
 def make_app(gateway: Gateway, **settings) -> tornado.web.Application:
     """The Tornado application for a gateway; extra settings go to Application."""
-    return LeanApplication(routes(gateway), log_function=counted(access_logger(), gateway.metrics), gateway=gateway,
+    return LeanApplication(routes(gateway), log_function=access_logger(gateway.metrics), gateway=gateway,
                            jinja=template_environment(), max_body_bytes=gateway.config.get("server.max_body_bytes"),
                            **settings)
 

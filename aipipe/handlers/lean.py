@@ -173,6 +173,8 @@ class LeanCall:
             elif not self._finished:  # cut by a shutdown before the answer started
                 self._fail(ApiError(503, "Server is shutting down, try again"), path_args)
             raise
+        finally:
+            self.application.open_requests.tasks.discard(self.task)  # (rather than a done callback per call)
 
     def _fail(self, error: BaseException, path_args: list[bytes]) -> None:
         if not self._headers_written:  # nothing sent yet: the route's RequestHandler answers with the error
@@ -235,8 +237,8 @@ class _LeanDelegate(httputil.HTTPMessageDelegate):
         call = self.call_class(self.application, request, self.fallback, self.kwargs)
         call.checked = self.checked
         # on the connection's own loop, asked for without asyncio.get_running_loop() (a getpid() each time)
-        task = request.connection.stream.io_loop.asyncio_loop.create_task(call.serve(self.path_args))
-        self.application.open_requests.add_task(task)
+        call.task = task = request.connection.stream.io_loop.asyncio_loop.create_task(call.serve(self.path_args))
+        self.application.open_requests.tasks.add(task)  # what a shutdown waits for; serve() takes it out
 
     def on_connection_close(self) -> None:
         self.chunks = []  # the client left before its request was complete: nothing to answer

@@ -129,12 +129,13 @@ def set_hold(call: Call, price: Price, default_hold: float, fixed: float = 0.0,
     body_bytes = len(call.body) if text_body else 0
     call.input_estimate = body_bytes // 4  # the usual size of a token: what a call without usage is charged
     asked = call.max_output_tokens()
-    most_out = (asked or price.max_output or default_max_output) * call.choices()
+    choices = call.choices()
+    most_out = (asked or price.max_output or default_max_output) * choices
     call.hold = (body_bytes * price.input + most_out * output_price(price)) / 1e6 + price.per_request + fixed
     if price.per_minute or (not text_body and (price.input or price.audio_input)):
         call.hold += default_hold
     # what an answer without usage is charged: the estimate AI Pipe always charged, never above the hold
-    estimate = tokens_cost(price, call.input_estimate, asked * call.choices()) + fixed
+    estimate = tokens_cost(price, call.input_estimate, asked * choices) + fixed
     if not asked and (price.output or price.input) and not fixed:
         estimate += default_hold
     call.fallback_cost = min(estimate, call.hold)
