@@ -54,6 +54,7 @@ class LeanCall:
     (Date and CORS; no Server header)."""
 
     SUPPORTED_METHODS: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    task: asyncio.Task | None = None  # the task serving this call (set by the delegate that starts it)
 
     def __init__(self, application: tornado.web.Application, request: httputil.HTTPServerRequest,
                  fallback: type[tornado.web.RequestHandler], kwargs: dict[str, Any]) -> None:
