@@ -258,10 +258,10 @@ class Gateway:
         """Queue the call's charge (or just release its hold when it cost nothing)."""
         billed = call.billable and (200 <= outcome.status < 300 or outcome.cut)
         usage, now = outcome.usage, time.time()
+        tokens_in, tokens_out = (usage.input_tokens, usage.output_tokens) if usage else (0, 0)
         if billed:
-            self.metrics.charged(provider, outcome.cost, usage.input_tokens if usage else 0,
-                                 usage.output_tokens if usage else 0)
+            self.metrics.charged(provider, outcome.cost, tokens_in, tokens_out)
         return self.ledger.settle(Charge(  # by position, the quickest way to build one
             email, utc_date(now), outcome.cost if billed else 0.0, admission.hold_id, "request" if billed else "release",
-            provider, call.model, usage.input_tokens if usage else 0, usage.output_tokens if usage else 0,
+            provider, call.model, tokens_in, tokens_out,
             outcome.status, duration_ms, outcome.streamed, outcome.aborted, now))

@@ -113,23 +113,17 @@ class Metrics:
             child._sum.inc(total)
 
     def request_done(self, provider: str, route: str, status: int) -> None:
-        """Count one answered request."""
-        key = (self.requests, (provider, route, status))  # the status becomes text at the flush
-        added = self._added
-        added[key] = added.get(key, 0) + 1
+        """Count one answered request (the status becomes text at the flush)."""
+        self.add(self.requests, (provider, route, status))
 
     def charged(self, provider: str, cost: float, input_tokens: int, output_tokens: int) -> None:
-        """Count a billed call's cost and tokens (add() written out: this runs for every call)."""
-        added = self._added
+        """Count a billed call's cost and tokens."""
         if 0 < cost < INF:
-            key = (self.cost, (provider,))
-            added[key] = added.get(key, 0) + cost
+            self.add(self.cost, (provider,), cost)
         if input_tokens > 0:
-            key = (self.tokens, (provider, "input"))
-            added[key] = added.get(key, 0) + input_tokens
+            self.add(self.tokens, (provider, "input"), input_tokens)
         if output_tokens > 0:
-            key = (self.tokens, (provider, "output"))
-            added[key] = added.get(key, 0) + output_tokens
+            self.add(self.tokens, (provider, "output"), output_tokens)
 
     def scrape(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -27,7 +27,7 @@ from tornado.log import app_log, gen_log
 from ..drain import OpenRequests
 from ..errors import ApiError
 from .base import CORS_HEADERS, INVALID_URL
-from .intake import TOO_LARGE, Guarded, Intake, answer_error, size_error
+from .intake import Guarded, Intake, answer_error
 
 REASON_PHRASE = re.compile(r"[\t\x20-\x7e\x80-\xff]+")  # RFC 9112: HTAB, SP, VCHAR, obs-text
 VALID_HEADER_VALUE = re.compile(r"[\x09\x20-\x7e\x80-\xff]*")  # RFC 9110 field values, as Tornado checks them
@@ -194,44 +194,32 @@ class LeanCall:
 
 
 class _LeanDelegate(httputil.HTTPMessageDelegate):
-    """Judges the request on its headers, gathers the body, then serves the request with a LeanCall.
-
-    The size and token checks are handlers.intake's, inlined: this runs for every provider call."""
+    """Judges the request on its headers (handlers.intake), gathers the body, then serves it with a LeanCall."""
 
     def __init__(self, application, request, call_class, fallback, kwargs, path_args, limit: int) -> None:
         self.application, self.request = application, request
         self.call_class, self.fallback, self.kwargs, self.path_args = call_class, fallback, kwargs, path_args
         self.chunks: list[bytes] = []
-        self.limit, self.received, self.refused = limit, 0, False
+        self.intake = Intake(application, request, fallback, kwargs, path_args, limit)
         self.checked = None
 
     def headers_received(self, start_line, headers) -> None:
-        error = size_error(headers, self.limit)
-        if error is None:
+        intake = self.intake
+        intake.check_headers(False)  # the size; the token is the call class's to judge
+        if not intake.refused:
             try:
                 self.checked = self.call_class.check_headers(self.request, self.kwargs)
-                return
             except ApiError as e:
-                error = e
-        self._refuse(error)
-
-    def _refuse(self, error: ApiError) -> None:
-        self.refused = True
-        answer_error(self.application, self.request, self.fallback, self.kwargs, self.path_args, error, early=True)
+                intake.refuse(e)
 
     def data_received(self, chunk: bytes) -> None:
-        if self.refused:
-            return
-        self.received += len(chunk)
-        if self.received > self.limit:
-            self._refuse(ApiError(413, TOO_LARGE.format(limit=self.limit)))
-            return
-        self.chunks.append(chunk)
+        if self.intake.count(chunk):
+            self.chunks.append(chunk)
 
     def finish(self) -> None:
         request = self.request
         self.application.body_in(request.connection)
-        if self.refused:
+        if self.intake.refused:
             return
         chunks = self.chunks
         request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -46,6 +46,13 @@ DROP_RESPONSE_HEADERS = frozenset({
     "date", "server", "cf-ray", "cf-cache-status", "x-envoy-upstream-service-time",
 })
 KEY_REJECTED = "provider credentials misconfigured"
+def route_of(path: str) -> tuple[str, str]:
+    """A provider route's first segment and the rest of its path, as the client wrote them (/openai/v1/x ->
+    ("openai", "v1/x")): the text that is priced and sent upstream, not what the route's pattern decoded."""
+    route, _, rest = path[1:].partition("/")
+    return route, rest
+
+
 class ProviderCall(LeanCall):
     """Relays one call to a provider and bills its usage."""
 
@@ -58,7 +65,7 @@ class ProviderCall(LeanCall):
     @classmethod
     def check_headers(cls, request, kwargs: dict) -> Identity:
         """Who is calling, decided before the body is read: an unknown provider is 404, a bad token 401."""
-        route = request.path[1:].partition("/")[0]
+        route = route_of(request.path)[0]
         if route not in PROVIDERS:
             try:
                 name = url_unescape(route, encoding=None).decode("utf-8")
@@ -71,9 +78,8 @@ class ProviderCall(LeanCall):
         """Price, admit, forward, relay and settle one call (its caller was identified by check_headers)."""
         self.started = time.perf_counter()
         gw, req, identity = self.gw, self.request, self.checked
-        # the path as the client wrote it, not as the route decoded it: that text is priced and sent upstream
-        rest = req.path[1:].partition("/")[2]
-        self.provider = provider = PROVIDERS[req.path[1:].partition("/")[0]]
+        route, rest = route_of(req.path)
+        self.provider = provider = PROVIDERS[route]
         # the route (/geminiv1beta) may differ from the provider's config, key and ledger name (gemini)
         self.provider_name = provider.name
         if req.body and req.method in NO_BODY_METHODS:
@@ -336,5 +342,5 @@ class ProviderHandler(ApiHandler):
     @property
     def provider_name(self) -> str:
         """The provider of the route (for metrics of the errors this handler answers); "" when unknown."""
-        provider = PROVIDERS.get(self.request.path[1:].partition("/")[0])
+        provider = PROVIDERS.get(route_of(self.request.path)[0])
         return provider.name if provider is not None else ""
