@@ -14,8 +14,8 @@ import itertools
 import math
 from datetime import date
 
-from .storage import Admission, Charge, HoldRequest
-from .storage.base import RATE_WINDOW, UserState, decide
+from .storage import Decision, Charge, HoldRequest
+from .budget import RATE_WINDOW, UserState, decide
 
 
 class Book:
@@ -54,7 +54,7 @@ class Books:
         book = self.users.get(request.email)
         return book if book is not None and book.since is not None and book.since <= request.since.isoformat() else None
 
-    def admit(self, request: HoldRequest, now: float) -> Admission | None:
+    def admit(self, request: HoldRequest, now: float) -> Decision | None:
         """Decide one request and hold its amount if admitted; None if the user's book is not ready."""
         book = self._ready_book(request)
         if book is None:

@@ -87,6 +87,7 @@ class Budget:
     limit: float
     days: int = 1
     period: str | None = None  # "day" | "week" | "month": resets at UTC boundaries
+    models: tuple[str, ...] = ()  # shell-style patterns of the models its users may call; () allows every priced model
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,9 @@ def _parse_budget(key: str, raw: Any) -> Budget:
     where = f'budget."{key}"'
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table like {{ limit = 1.0, days = 7 }}")
-    unknown = set(raw) - {"limit", "days", "period"}
+    unknown = set(raw) - {"limit", "days", "period", "models"}
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a budget key (use limit, days, period)")
+        raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a budget key (use limit, days, period, models)")
     limit = raw.get("limit")
     if isinstance(limit, bool) or not isinstance(limit, (int, float)):
         raise ConfigError(f"{where}.limit must be a number of USD")
@@ -170,7 +171,10 @@ def _parse_budget(key: str, raw: Any) -> Budget:
     period = raw.get("period")
     if period is not None and period not in PERIODS:
         raise ConfigError(f'{where}.period must be one of "day", "week", "month"')
-    return Budget(limit=float(limit), days=days, period=period)
+    models = raw.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() for m in models):
+        raise ConfigError(f'{where}.models must be a list of model patterns, like ["gpt-4o-mini", "claude-haiku-*"]')
+    return Budget(limit=float(limit), days=days, period=period, models=tuple(m.strip() for m in models))
 
 
 def _parse_providers(raw: Any, env: Mapping[str, str]) -> dict[str, Provider]:

@@ -22,7 +22,7 @@ from .metrics import Metrics
 from .pricing import PriceTable
 from .providers.base import Call
 from .providers.openrouter import ModelCatalog
-from .storage import Admission, Charge, HoldRequest, Store, StoreUnavailable
+from .storage import Decision, Charge, HoldRequest, Store, StoreUnavailable
 from .upstream import Upstream
 
 log = logging.getLogger("aipipe")
@@ -196,7 +196,7 @@ class Gateway:
                                          c.get("limits.openrouter_models_ttl"), c.get("limits.openrouter_refetch_seconds"))
         return self._catalog
 
-    async def admit(self, email: str, hold: float) -> Admission:
+    async def admit(self, email: str, hold: float) -> Decision:
         """Check budget, concurrency and rate, and hold `hold` USD; 429 or 503 when refused."""
         budget, request = self._hold_request(email, hold)
         try:
@@ -205,7 +205,7 @@ class Gateway:
             raise self._store_down(e) from None
         return self._admitted(admission, request, budget)
 
-    def admit_now(self, email: str, hold: float) -> Admission | None:
+    def admit_now(self, email: str, hold: float) -> Decision | None:
         """admit(), when deciding takes no wait (budgets in memory and the user's spend read); else None."""
         if self.books is None:
             return None
@@ -225,7 +225,7 @@ class Gateway:
         log.error("store unavailable while admitting a request: %s", error)
         return ApiError(503, STORE_DOWN)
 
-    def _admitted(self, admission: Admission, request: HoldRequest, budget: Budget) -> Admission:
+    def _admitted(self, admission: Decision, request: HoldRequest, budget: Budget) -> Decision:
         """The admission, or the 429 that tells why it was refused."""
         if admission.refused is None:
             return admission
@@ -253,7 +253,7 @@ class Gateway:
             known = self._windows[email] = (today, budget, window_start(budget, today))
         return known[1], known[2]
 
-    def settle(self, email: str, admission: Admission, provider: str, call: Call, outcome: Outcome,
+    def settle(self, email: str, admission: Decision, provider: str, call: Call, outcome: Outcome,
                duration_ms: float) -> asyncio.Future:
         """Queue the call's charge (or just release its hold when it cost nothing)."""
         billed = call.billable and (200 <= outcome.status < 300 or outcome.cut)

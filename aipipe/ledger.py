@@ -32,7 +32,7 @@ import time
 from datetime import date
 
 from .books import Books
-from .storage import Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable
+from .storage import Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable
 from .storage.base import safe_cost
 from .spool import Spool
 
@@ -112,7 +112,7 @@ class Ledger:
             self._start_writer()
             self._wake.set()
 
-    def reserve_now(self, request: HoldRequest) -> Admission | None:
+    def reserve_now(self, request: HoldRequest) -> Decision | None:
         """reserve()'s answer when it takes no wait (budgets in memory, the user's spend read), else None."""
         if time.monotonic() < self._down_until:  # don't make every caller wait out a dead connection
             raise StoreUnavailable("store was unavailable a moment ago")
@@ -123,7 +123,7 @@ class Ledger:
             raise StoreUnavailable("charges could not be written")
         return books.admit(request, time.time())  # None until the user's spend is read
 
-    async def reserve(self, request: HoldRequest) -> Admission:
+    async def reserve(self, request: HoldRequest) -> Decision:
         """Admit (or refuse) one request; raises StoreUnavailable when the store is down."""
         admission = self.reserve_now(request)
         if admission is not None:

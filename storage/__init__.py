@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-from .base import Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable
+from .base import Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable
 
-__all__ = ["Admission", "Charge", "HoldRequest", "RowRefused", "Store", "StoreUnavailable", "open_store", "mask_url",
+__all__ = ["Decision", "Charge", "HoldRequest", "RowRefused", "Store", "StoreUnavailable", "open_store", "mask_url",
            "StoreConfigError", "url_scheme"]
 
 

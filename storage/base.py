@@ -36,7 +36,7 @@ class HoldRequest:
 
 
 @dataclass(slots=True)
-class Admission:
+class Decision:
     """The answer to a HoldRequest: a hold id when admitted, else why not."""
 
     hold_id: int | None
@@ -142,7 +142,7 @@ class Store:
         """Whether another connection has written since the last call."""
         return True
 
-    async def reserve(self, requests: list[HoldRequest], now: float) -> list[Admission]:
+    async def reserve(self, requests: list[HoldRequest], now: float) -> list[Decision]:
         """Admit and hold each request in order, atomically, in one transaction."""
         raise NotImplementedError
 
@@ -185,74 +185,6 @@ class Store:
     async def prune(self, now: float) -> None:
         """Drop released and expired holds older than the rate window."""
         raise NotImplementedError
-
-
-RATE_WINDOW = 60.0  # seconds over which requests per minute are counted
-
-
-@dataclass(slots=True)
-class UserState:
-    """What a backend read about one user inside the reserve transaction."""
-
-    daily: list[tuple[str, float]]  # (YYYY-MM-DD, cost) from the earliest `since` in the batch
-    held: float = 0.0
-    inflight: int = 0
-    recent: list[float] | None = None  # creation times of holds in the rate window, oldest first
-
-
-def decide_batch(
-    requests: list[HoldRequest], states: dict[str, UserState], now: float, new_id
-) -> tuple[list[Admission], list[tuple]]:
-    """Admit requests in order against each user's state; returns admissions and hold rows to insert.
-
-    Each admitted request's hold counts against the ones after it in the same batch (see decide), so a
-    batch admits no more than fits the limit together.
-    """
-    admissions, rows = [], []
-    for req in requests:
-        admission, row = decide(req, states[req.email], now, new_id)
-        admissions.append(admission)
-        if row is not None:
-            rows.append(row)
-    return admissions, rows
-
-
-def decide(req: HoldRequest, st: UserState, now: float, new_id) -> tuple[Admission, tuple | None]:
-    """Admit one request against its user's state: the admission, and the hold row to insert (None if refused).
-
-    A request is admitted when settled spend + open holds + its own hold <= limit (and spend + holds <
-    limit, so a user with nothing left is refused even a call that costs nothing), the user has fewer
-    than max_inflight requests open and fewer than rpm requests in the last minute. A hold being the
-    most its call can cost (providers.base.set_hold), spend then stays within the limit when the calls
-    in flight settle. An admitted request's hold is added to st.
-    """
-    since = req.since.isoformat()
-    spent = sum(cost for day, cost in st.daily if day >= since)  # sum(), as /usage adds (compensated from 3.12)
-    recent = st.recent or ()
-    if req.max_inflight and st.inflight >= req.max_inflight:
-        return Admission(None, spent, st.held, "concurrency", 1), None
-    if req.rpm and len(recent) >= req.rpm:
-        wait = recent[len(recent) - req.rpm] + RATE_WINDOW - now
-        return Admission(None, spent, st.held, "rate", max(1, int(wait + 0.999))), None
-    committed = spent + st.held
-    if committed >= req.limit or committed + req.amount > req.limit:
-        return Admission(None, spent, st.held, "budget"), None
-    hold_id = new_id()
-    admission = Admission(hold_id, spent, st.held)
-    st.held += req.amount
-    st.inflight += 1
-    if req.rpm:  # later requests of the batch count this one
-        st.recent = [*recent, now]
-    return admission, (hold_id, req.email, req.amount, now, now + req.hold_seconds)
-
-
-def add_hold(state: UserState, amount: float, created: float, is_open: bool, now: float) -> None:
-    """Fold one hold row into a user's state."""
-    if is_open:
-        state.held += amount
-        state.inflight += 1
-    if created > now - RATE_WINDOW:
-        state.recent = (state.recent or []) + [created]
 
 
 def model_row(r) -> dict:

@@ -37,8 +37,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from .base import (RATE_WINDOW, Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable, UserState,
-                   add_hold, charge_row, decide_batch, model_row, usage_filter)
+from ..budget import RATE_WINDOW, UserState, add_hold, decide_batch
+from .base import Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable, charge_row, model_row, usage_filter
 
 LOCK_NAMESPACE = 0x41495050  # "AIPP": first key of the per-email advisory locks
 MIGRATE_LOCK = "aipipe.migrate:"  # hashed with the schema name into the migration lock's key
@@ -217,7 +217,7 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             return await conn.fetch(query, *args)
 
-    async def reserve(self, requests: list[HoldRequest], now: float) -> list[Admission]:
+    async def reserve(self, requests: list[HoldRequest], now: float) -> list[Decision]:
         """Admit and hold each request in order; emails locked across instances for the transaction."""
         emails = sorted({r.email for r in requests})
         since = min(r.since for r in requests)

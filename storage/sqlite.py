@@ -15,8 +15,9 @@ from datetime import date
 
 import aiosqlite
 
-from .base import (RATE_WINDOW, Admission, Charge, HoldRequest, RowRefused, Store, StoreUnavailable, UserState,  # noqa: F401
-                   add_hold, charge_row, decide_batch, model_row, usage_filter)
+from ..budget import RATE_WINDOW, UserState, add_hold, decide_batch
+from .base import (Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable,  # noqa: F401
+                   charge_row, model_row, usage_filter)
 
 MIGRATIONS = (
     """
@@ -142,7 +143,7 @@ class SQLiteStore(Store):
         except (sqlite3.OperationalError, ValueError) as e:
             raise StoreUnavailable(f"SQLite: {e}") from e
 
-    async def reserve(self, requests: list[HoldRequest], now: float) -> list[Admission]:
+    async def reserve(self, requests: list[HoldRequest], now: float) -> list[Decision]:
         """Admit and hold each request in order, in one IMMEDIATE transaction."""
         return await self._write(_reserve, requests, now)
 
@@ -242,7 +243,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
 
-def _reserve(conn: sqlite3.Connection, requests: list[HoldRequest], now: float) -> list[Admission]:
+def _reserve(conn: sqlite3.Connection, requests: list[HoldRequest], now: float) -> list[Decision]:
     emails = sorted({r.email for r in requests})
     marks = ",".join("?" * len(emails))
     since = min(r.since for r in requests).isoformat()

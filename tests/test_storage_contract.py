@@ -14,7 +14,7 @@ from datetime import date, timedelta
 import pytest
 
 from aipipe.storage import Charge, HoldRequest, RowRefused, StoreUnavailable, open_store
-from aipipe.storage.base import RATE_WINDOW
+from aipipe.budget import RATE_WINDOW
 
 D0 = date(2025, 3, 10)
 NOW = 1_750_000_000.0
