@@ -1,6 +1,7 @@
 """The storage interface every backend implements, and the records it speaks in."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -186,12 +187,91 @@ class Store:
         """Drop released and expired holds older than the rate window."""
         raise NotImplementedError
 
+    async def rules_version(self) -> int:
+        """A number that changes with every change to the budget rules kept in the store (one row read)."""
+        raise NotImplementedError
+
+    async def budget_rules(self) -> tuple[int, list[dict]]:
+        """(rules_version, [{match, limit, days, period, models, updated, updated_by}]) read in one snapshot."""
+        raise NotImplementedError
+
+    async def set_budget_rule(self, rule: dict, admin: str, now: float) -> int:
+        """Insert or replace the rule for rule["match"] and write its audit row, in one transaction; the new version."""
+        raise NotImplementedError
+
+    async def remove_budget_rule(self, match: str, admin: str, now: float) -> dict | None:
+        """Delete match's rule and write its audit row, in one transaction; the rule removed, or None if none."""
+        raise NotImplementedError
+
+    async def add_audit(self, admin: str, action: str, target: str, detail: dict, now: float) -> None:
+        """Record one admin change (never a credential) in the audit trail."""
+        raise NotImplementedError
+
+    async def audit(self, limit: int = 100, offset: int = 0) -> list[dict]:
+        """[{id, ts, admin, action, target, detail}] newest first, paged."""
+        raise NotImplementedError
+
+    async def users_summary(self, windows: list[tuple[str, date, float]], today: date, query: UsersQuery) -> dict:
+        """{total, data: [{email, spent, limit, remaining, share, requests, last_call}]}: everyone with spend or
+        requests in their budget window (`windows`: (match, first day, limit) per rule, "*" and "@domain" included;
+        no rule means a limit of 0 from `today`), filtered, sorted and paged in the database."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class UsersQuery:
+    """Which users_summary rows to return: email containing `search`, ordered by `sort`, one page."""
+
+    search: str = ""
+    sort: str = "spent"  # one of USER_SORTS
+    descending: bool = True
+    limit: int = 50
+    offset: int = 0
+
+
+USER_SORTS = ("email", "spent", "limit", "remaining", "share", "requests", "last_call")
+ADJUSTMENTS = ("admin", "adjustment")  # the (provider, model) usage_by_model reports admins' corrections under
+
 
 def model_row(r) -> dict:
     """A usage_by_model row as a dict."""
     provider, model, n, tin, tout, cost = r
     return {"provider": provider, "model": model, "requests": int(n), "input_tokens": int(tin or 0),
             "output_tokens": int(tout or 0), "cost": float(cost or 0)}
+
+
+def rule_row(match: str, limit, days, period, models_json: str, updated, updated_by) -> dict:
+    """A budget_rules row as a dict (models stored as JSON text)."""
+    return {"match": match, "limit": float(limit), "days": int(days), "period": period,
+            "models": list(json.loads(models_json or "[]")), "updated": float(updated), "updated_by": updated_by}
+
+
+def budget_detail(rule: dict | None) -> dict | None:
+    """What an audit row keeps of a budget rule: its terms, not who set it when."""
+    if rule is None:
+        return None
+    return {"limit": rule["limit"], "days": rule["days"], "period": rule["period"], "models": list(rule["models"])}
+
+
+def audit_row(id_, ts, admin, action, target, detail_json: str) -> dict:
+    """An audit row as a dict (detail stored as JSON text)."""
+    return {"id": int(id_), "ts": float(ts), "admin": admin, "action": action, "target": target,
+            "detail": json.loads(detail_json or "{}")}
+
+
+def user_row(email, limit, spent, requests, last_call) -> dict:
+    """A users_summary row as a dict: remaining and share follow from limit and spend, as the SQL sorted them."""
+    limit, spent = float(limit), float(spent or 0)
+    return {"email": email, "spent": spent, "limit": limit, "remaining": max(0.0, limit - spent),
+            "share": share_of(spent, limit), "requests": int(requests or 0),
+            "last_call": float(last_call) if last_call is not None else None}
+
+
+def share_of(spent: float, limit: float) -> float:
+    """The part of the limit used: spend / limit, and 1 for any spend against a zero limit."""
+    if limit > 0:
+        return spent / limit
+    return 1.0 if spent > 0 else 0.0
 
 
 def usage_filter(email, since, until, mark=lambda i: "?", dates_as_text: bool = True) -> tuple[str, tuple]:

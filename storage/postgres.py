@@ -29,8 +29,10 @@ PostgreSQL refuses (classes 22 and 23) as RowRefused.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
+import sys
 from contextlib import asynccontextmanager
 from datetime import date
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -38,7 +40,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from ..budget import RATE_WINDOW, UserState, add_hold, decide_batch
-from .base import Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable, charge_row, model_row, usage_filter
+from .base import (ADJUSTMENTS, Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable,  # noqa: F401
+                   UsersQuery, audit_row, budget_detail, charge_row, model_row, rule_row, usage_filter, user_row)
 
 LOCK_NAMESPACE = 0x41495050  # "AIPP": first key of the per-email advisory locks
 MIGRATE_LOCK = "aipipe.migrate:"  # hashed with the schema name into the migration lock's key
@@ -63,6 +66,14 @@ MIGRATIONS = (
     # a settle retried after its commit landed (or a spool replayed twice) must not bill twice
     """ALTER TABLE ledger ADD COLUMN charge_id TEXT;
     CREATE UNIQUE INDEX ledger_charge_id ON ledger (charge_id);""",
+    # budget rules set by admins at runtime, the version every instance compares with its copy, and the audit trail
+    """CREATE TABLE budget_rules (match TEXT PRIMARY KEY, limit_usd DOUBLE PRECISION NOT NULL,
+        days INTEGER NOT NULL DEFAULT 1, period TEXT, models TEXT NOT NULL DEFAULT '[]',
+        updated DOUBLE PRECISION NOT NULL, updated_by TEXT NOT NULL);
+    CREATE TABLE rules_version (id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL);
+    INSERT INTO rules_version (id, version) VALUES (1, 0);
+    CREATE TABLE audit (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, ts DOUBLE PRECISION NOT NULL,
+        admin TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '{}');""",
 )
 
 LOCK_EMAILS = f"""SELECT pg_advisory_xact_lock({LOCK_NAMESPACE}, h)
@@ -97,6 +108,46 @@ SETTLE = f"""WITH ledger_rows AS (INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT *
 PRUNE_HOLDS = """DELETE FROM holds WHERE id IN (
     SELECT id FROM holds WHERE created < $1::float8 AND (released OR expires < $2::float8)
     ORDER BY id FOR UPDATE SKIP LOCKED)"""
+MAX_FLOAT = sys.float_info.max
+
+
+def money_sum(column: str) -> str:
+    """SQL summing costs within the largest float: PostgreSQL's float8 sum fails with an overflow error where
+    SQLite's reaches infinity (which the handlers read as the largest float)."""
+    return f"GREATEST(LEAST(SUM({column}::numeric), {MAX_FLOAT!r}), {-MAX_FLOAT!r})::float8"
+
+
+# Per provider and model, with admins' corrections as a row of their own, so the rows add up to the spend.
+BY_MODEL = f"""SELECT CASE kind WHEN 'adjust' THEN $1 ELSE provider END AS p, CASE kind WHEN 'adjust' THEN $2 ELSE model END AS m,
+        COUNT(*) FILTER (WHERE kind = 'request'), SUM(input_tokens), SUM(output_tokens), {money_sum("cost")} AS total
+    FROM ledger WHERE email = $3 AND date >= $4 AND kind IN ('request', 'adjust') GROUP BY p, m
+    ORDER BY total DESC, p, m"""
+# Everyone with spend or requests in their own budget window. $1-$3: the rules (match, first day, limit), $4: the
+# earliest first day of any rule, $5: the first day when no rule applies, $6: part of an email. A domain is what
+# follows the last "@", as Config.budget_for reads it.
+USERS = f"""WITH rules AS (SELECT * FROM unnest($1::text[], $2::date[], $3::float8[]) AS r(match, since, lim)),
+    days AS (SELECT email, date, cost FROM usage WHERE date >= $4::date),
+    calls AS (SELECT email, date, ts FROM ledger WHERE kind = 'request' AND date >= $4::date),
+    people AS (SELECT email, lower(email) AS low FROM (SELECT email FROM days UNION SELECT email FROM calls) AS e),
+    windows AS (SELECT p.email, COALESCE(e.since, d.since, s.since, $5::date) AS since,
+            COALESCE(e.lim, d.lim, s.lim, 0.0) AS lim
+        FROM people p LEFT JOIN rules e ON e.match = p.low
+        LEFT JOIN rules d ON d.match = '@' || substring(p.low from '[^@]*$')
+        LEFT JOIN rules s ON s.match = '*' WHERE strpos(p.low, $6::text) > 0),
+    spend AS (SELECT w.email, {money_sum("x.cost")} AS spent FROM windows w
+        JOIN days x ON x.email = w.email AND x.date >= w.since GROUP BY w.email),
+    counted AS (SELECT w.email, COUNT(*) AS requests, MAX(c.ts) AS last_call FROM windows w
+        JOIN calls c ON c.email = w.email AND c.date >= w.since GROUP BY w.email),
+    summary AS (SELECT w.email, w.lim AS lim, COALESCE(sp.spent, 0.0) AS spent, COALESCE(n.requests, 0) AS requests,
+            n.last_call FROM windows w LEFT JOIN spend sp ON sp.email = w.email LEFT JOIN counted n ON n.email = w.email
+        WHERE sp.email IS NOT NULL OR n.email IS NOT NULL)
+    SELECT email, lim, spent, requests, last_call, COUNT(*) OVER () FROM summary"""
+USER_ORDER = {"email": "email", "spent": "spent", "limit": "lim", "remaining": "GREATEST(lim - spent, 0.0)",
+              "share": "CASE WHEN lim > 0 THEN spent / lim WHEN spent > 0 THEN 1.0 ELSE 0.0 END",
+              "requests": "requests", "last_call": "COALESCE(last_call, 0)"}
+RULE_COLUMNS = "match, limit_usd, days, period, models, updated, updated_by"
+BUMP_VERSION = "UPDATE rules_version SET version = version + 1 WHERE id = 1 RETURNING version"
+INSERT_AUDIT = "INSERT INTO audit (ts, admin, action, target, detail) VALUES ($1, $2, $3, $4, $5)"
 
 # What a dropped connection, a stopped or restarting server, or a timeout raise.
 DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -270,10 +321,7 @@ class PostgresStore(Store):
 
     async def usage_by_model(self, email: str, since: date) -> list[dict]:
         """Ledger sums per provider and model."""
-        rows = await self._fetch(
-            """SELECT provider, model, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost) FROM ledger
-               WHERE email = $1 AND date >= $2 AND kind = 'request' GROUP BY provider, model
-               ORDER BY SUM(cost) DESC, provider, model""", email, since)
+        rows = await self._fetch(BY_MODEL, *ADJUSTMENTS, email, since)
         return [model_row(r) for r in rows]
 
     async def all_usage(self, email=None, since=None, until=None, limit=1000, offset=0) -> list[dict]:
@@ -309,6 +357,71 @@ class PostgresStore(Store):
         """Forget holds that no longer count for anything (skipping rows a settlement holds locked)."""
         async with self._transaction() as conn:
             await conn.execute(PRUNE_HOLDS, now - 2 * RATE_WINDOW, now)
+
+    async def rules_version(self) -> int:
+        """The budget rules' version: one row read."""
+        async with self._connection() as conn:
+            return int(await conn.fetchval("SELECT version FROM rules_version"))
+
+    async def budget_rules(self) -> tuple[int, list[dict]]:
+        """The version and the rules, from one snapshot."""
+        async with self._connection() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                version = await conn.fetchval("SELECT version FROM rules_version")
+                rows = await conn.fetch(f"SELECT {RULE_COLUMNS} FROM budget_rules ORDER BY match")
+        return int(version), [rule_row(*r) for r in rows]
+
+    async def set_budget_rule(self, rule: dict, admin: str, now: float) -> int:
+        """Insert or replace a rule, bump the version and audit it, in one transaction."""
+        async with self._transaction() as conn:
+            before = await self._rule(conn, rule["match"], lock=True)
+            await conn.execute(f"""INSERT INTO budget_rules ({RULE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                ON CONFLICT (match) DO UPDATE SET limit_usd = excluded.limit_usd, days = excluded.days,
+                period = excluded.period, models = excluded.models, updated = excluded.updated,
+                updated_by = excluded.updated_by""", rule["match"], float(rule["limit"]), rule["days"], rule["period"],
+                json.dumps(list(rule["models"])), now, admin)
+            detail = {**budget_detail(rule), "previous": budget_detail(before)}
+            await conn.execute(INSERT_AUDIT, now, admin, "budget.set", rule["match"], json.dumps(detail))
+            return int(await conn.fetchval(BUMP_VERSION))
+
+    async def remove_budget_rule(self, match: str, admin: str, now: float) -> dict | None:
+        """Delete a rule, bump the version and audit it, in one transaction."""
+        async with self._transaction() as conn:
+            before = await self._rule(conn, match, lock=True)
+            if before is None:
+                return None
+            await conn.execute("DELETE FROM budget_rules WHERE match = $1", match)
+            await conn.execute(INSERT_AUDIT, now, admin, "budget.remove", match,
+                               json.dumps({"removed": budget_detail(before)}))
+            await conn.execute(BUMP_VERSION)
+            return before
+
+    @staticmethod
+    async def _rule(conn, match: str, lock: bool = False) -> dict | None:
+        row = await conn.fetchrow(f"SELECT {RULE_COLUMNS} FROM budget_rules WHERE match = $1"
+                                  + (" FOR UPDATE" if lock else ""), match)
+        return rule_row(*row) if row else None
+
+    async def add_audit(self, admin: str, action: str, target: str, detail: dict, now: float) -> None:
+        """One audit row."""
+        await self._execute(INSERT_AUDIT, now, admin, action, target, json.dumps(detail))
+
+    async def audit(self, limit: int = 100, offset: int = 0) -> list[dict]:
+        """Audit rows, newest first."""
+        rows = await self._fetch("SELECT id, ts, admin, action, target, detail FROM audit ORDER BY id DESC "
+                                 "LIMIT $1 OFFSET $2", limit, offset)
+        return [audit_row(*r) for r in rows]
+
+    async def users_summary(self, windows: list[tuple[str, date, float]], today: date, query: UsersQuery) -> dict:
+        """Everyone's spend, requests and last call in their window: filtered, sorted and paged in one query."""
+        matches, firsts, limits = columns([(m, since, float(limit)) for m, since, limit in windows], 3)
+        args = (matches, firsts, limits, min(firsts + [today]), today, query.search.lower())
+        order = f"{USER_ORDER[query.sort]} {'DESC' if query.descending else 'ASC'}, email"
+        rows = await self._fetch(f"{USERS} ORDER BY {order} LIMIT $7 OFFSET $8", *args, query.limit, query.offset)
+        if not rows and query.offset:  # past the last page: still say how many there are
+            rows = await self._fetch(f"{USERS} LIMIT 1", *args)
+            return {"total": rows[0][5] if rows else 0, "data": []}
+        return {"total": rows[0][5] if rows else 0, "data": [user_row(*r[:5]) for r in rows]}
 
 
 class OneLineErrors(logging.Filter):

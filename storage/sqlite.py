@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import secrets
 import sqlite3
 from datetime import date
@@ -16,8 +17,8 @@ from datetime import date
 import aiosqlite
 
 from ..budget import RATE_WINDOW, UserState, add_hold, decide_batch
-from .base import (Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable,  # noqa: F401
-                   charge_row, model_row, usage_filter)
+from .base import (ADJUSTMENTS, Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable,  # noqa: F401
+                   UsersQuery, audit_row, budget_detail, charge_row, model_row, rule_row, usage_filter, user_row)
 
 MIGRATIONS = (
     """
@@ -38,6 +39,13 @@ MIGRATIONS = (
     # a settle retried after its commit landed (or a spool replayed twice) must not bill twice
     """ALTER TABLE ledger ADD COLUMN charge_id TEXT;
     CREATE UNIQUE INDEX ledger_charge_id ON ledger (charge_id)""",
+    # budget rules set by admins at runtime, the version every process compares with its copy, and the audit trail
+    """CREATE TABLE budget_rules (match TEXT PRIMARY KEY, limit_usd REAL NOT NULL, days INTEGER NOT NULL DEFAULT 1,
+        period TEXT, models TEXT NOT NULL DEFAULT '[]', updated REAL NOT NULL, updated_by TEXT NOT NULL);
+    CREATE TABLE rules_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+    INSERT INTO rules_version (id, version) VALUES (1, 0);
+    CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, admin TEXT NOT NULL,
+        action TEXT NOT NULL, target TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '{}')""",
 )
 
 LEDGER_INSERT = """INSERT INTO ledger (charge_id, ts, email, date, kind, provider, model, input_tokens, output_tokens,
@@ -47,6 +55,33 @@ REFUSED = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingEr
            OverflowError, UnicodeError)
 ADD_COST = """INSERT INTO usage (email, date, cost) VALUES (?, ?, ?)
     ON CONFLICT (email, date) DO UPDATE SET cost = cost + excluded.cost"""
+# Per provider and model, with admins' corrections as a row of their own, so the rows add up to the spend.
+BY_MODEL = """SELECT CASE kind WHEN 'adjust' THEN ?1 ELSE provider END AS p, CASE kind WHEN 'adjust' THEN ?2 ELSE model END AS m,
+        SUM(kind = 'request'), SUM(input_tokens), SUM(output_tokens), SUM(cost) FROM ledger
+    WHERE email = ?3 AND date >= ?4 AND kind IN ('request', 'adjust') GROUP BY p, m ORDER BY SUM(cost) DESC, p, m"""
+# Everyone with spend or requests in their own budget window. ?1: the rules as JSON [[match, first day, limit]],
+# ?2: the earliest first day of any rule, ?3: the first day when no rule applies, ?4: part of an email. A domain is
+# what follows the last "@" (rtrim strips every character but "@" off the end), as Config.budget_for reads it.
+USERS = """WITH rules AS (SELECT json_extract(value, '$[0]') AS match, json_extract(value, '$[1]') AS since,
+            json_extract(value, '$[2]') AS lim FROM json_each(?1)),
+    days AS (SELECT email, date, cost FROM usage WHERE date >= ?2),
+    calls AS (SELECT email, date, ts FROM ledger WHERE kind = 'request' AND date >= ?2),
+    people AS (SELECT email, lower(email) AS low FROM (SELECT email FROM days UNION SELECT email FROM calls)),
+    windows AS (SELECT p.email, COALESCE(e.since, d.since, s.since, ?3) AS since, COALESCE(e.lim, d.lim, s.lim, 0.0) AS lim
+        FROM people p LEFT JOIN rules e ON e.match = p.low
+        LEFT JOIN rules d ON d.match = '@' || substr(p.low, length(rtrim(p.low, replace(p.low, '@', ''))) + 1)
+        LEFT JOIN rules s ON s.match = '*' WHERE instr(p.low, ?4) > 0),
+    spend AS (SELECT w.email, SUM(x.cost) AS spent FROM windows w JOIN days x ON x.email = w.email AND x.date >= w.since
+        GROUP BY w.email),
+    counted AS (SELECT w.email, COUNT(*) AS requests, MAX(c.ts) AS last_call FROM windows w
+        JOIN calls c ON c.email = w.email AND c.date >= w.since GROUP BY w.email),
+    summary AS (SELECT w.email, w.lim AS lim, COALESCE(sp.spent, 0.0) AS spent, COALESCE(n.requests, 0) AS requests,
+            n.last_call FROM windows w LEFT JOIN spend sp ON sp.email = w.email LEFT JOIN counted n ON n.email = w.email
+        WHERE sp.email IS NOT NULL OR n.email IS NOT NULL)
+    SELECT email, lim, spent, requests, last_call, COUNT(*) OVER () FROM summary"""
+USER_ORDER = {"email": "email", "spent": "spent", "limit": "lim", "remaining": "MAX(lim - spent, 0.0)",
+              "share": "CASE WHEN lim > 0 THEN spent / lim WHEN spent > 0 THEN 1.0 ELSE 0.0 END",
+              "requests": "requests", "last_call": "COALESCE(last_call, 0)"}
 
 
 def ledger_row(c: Charge) -> tuple:
@@ -174,9 +209,7 @@ class SQLiteStore(Store):
     async def usage_by_model(self, email: str, since: date) -> list[dict]:
         """Ledger sums per provider and model."""
         rows = await self._conn().execute_fetchall(
-            """SELECT provider, model, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost) FROM ledger
-               WHERE email = ? AND date >= ? AND kind = 'request' GROUP BY provider, model ORDER BY SUM(cost) DESC""",
-            (email, since.isoformat()))
+            BY_MODEL, (*ADJUSTMENTS, email, since.isoformat()))
         return [model_row(r) for r in rows]
 
     async def all_usage(self, email=None, since=None, until=None, limit=1000, offset=0) -> list[dict]:
@@ -203,6 +236,50 @@ class SQLiteStore(Store):
     async def prune(self, now: float) -> None:
         """Forget holds that no longer count for anything."""
         await self._write(_prune, now)
+
+    async def rules_version(self) -> int:
+        """The budget rules' version: one row read."""
+        rows = await self._conn().execute_fetchall("SELECT version FROM rules_version")
+        return int(rows[0][0])
+
+    async def budget_rules(self) -> tuple[int, list[dict]]:
+        """The version and the rules, read in one transaction."""
+        db = self._conn()
+        try:
+            return await db._execute(_read_rules, db._conn)
+        except (sqlite3.OperationalError, ValueError) as e:
+            raise StoreUnavailable(f"SQLite: {e}") from e
+
+    async def set_budget_rule(self, rule: dict, admin: str, now: float) -> int:
+        """Insert or replace a rule, bump the version and audit it, in one IMMEDIATE transaction."""
+        return await self._write(_set_rule, rule, admin, now)
+
+    async def remove_budget_rule(self, match: str, admin: str, now: float) -> dict | None:
+        """Delete a rule, bump the version and audit it, in one IMMEDIATE transaction."""
+        return await self._write(_remove_rule, match, admin, now)
+
+    async def add_audit(self, admin: str, action: str, target: str, detail: dict, now: float) -> None:
+        """One audit row."""
+        await self._write(_audit, admin, action, target, detail, now)
+
+    async def audit(self, limit: int = 100, offset: int = 0) -> list[dict]:
+        """Audit rows, newest first."""
+        rows = await self._conn().execute_fetchall(
+            "SELECT id, ts, admin, action, target, detail FROM audit ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
+        return [audit_row(*r) for r in rows]
+
+    async def users_summary(self, windows: list[tuple[str, date, float]], today: date, query: UsersQuery) -> dict:
+        """Everyone's spend, requests and last call in their window: filtered, sorted and paged in one query."""
+        rules = json.dumps([[m, since.isoformat(), limit] for m, since, limit in windows])
+        first = min([since for _, since, _ in windows] + [today]).isoformat()
+        order = f"{USER_ORDER[query.sort]} {'DESC' if query.descending else 'ASC'}, email"
+        args = (rules, first, today.isoformat(), query.search.lower())
+        rows = await self._conn().execute_fetchall(f"{USERS} ORDER BY {order} LIMIT ?5 OFFSET ?6",
+                                                   (*args, query.limit, query.offset))
+        if not rows and query.offset:  # past the last page: still say how many there are
+            rows = await self._conn().execute_fetchall(f"{USERS} LIMIT 1 OFFSET 0", args)
+            return {"total": rows[0][5] if rows else 0, "data": []}
+        return {"total": rows[0][5] if rows else 0, "data": [user_row(*r[:5]) for r in rows]}
 
 
 def ledger_dict(row: dict) -> dict:
@@ -307,3 +384,51 @@ def _set_cost(conn: sqlite3.Connection, email: str, day: date, cost: float, now:
 
 def _prune(conn: sqlite3.Connection, now: float) -> None:
     conn.execute("DELETE FROM holds WHERE created < ? AND (released = 1 OR expires < ?)", (now - 2 * RATE_WINDOW, now))
+
+
+RULE_COLUMNS = "match, limit_usd, days, period, models, updated, updated_by"
+
+
+def _read_rules(conn: sqlite3.Connection) -> tuple[int, list[dict]]:
+    conn.execute("BEGIN")  # a deferred read transaction: the version and the rules from one snapshot
+    try:
+        version = conn.execute("SELECT version FROM rules_version").fetchone()[0]
+        rules = [rule_row(*r) for r in conn.execute(f"SELECT {RULE_COLUMNS} FROM budget_rules ORDER BY match")]
+    finally:
+        conn.execute("COMMIT")
+    return int(version), rules
+
+
+def _bump_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("UPDATE rules_version SET version = version + 1 WHERE id = 1 RETURNING version").fetchone()[0]
+
+
+def _rule(conn: sqlite3.Connection, match: str) -> dict | None:
+    row = conn.execute(f"SELECT {RULE_COLUMNS} FROM budget_rules WHERE match = ?", (match,)).fetchone()
+    return rule_row(*row) if row else None
+
+
+def _set_rule(conn: sqlite3.Connection, rule: dict, admin: str, now: float) -> int:
+    before = _rule(conn, rule["match"])
+    conn.execute(f"""INSERT INTO budget_rules ({RULE_COLUMNS}) VALUES (?,?,?,?,?,?,?)
+                     ON CONFLICT (match) DO UPDATE SET limit_usd = excluded.limit_usd, days = excluded.days,
+                     period = excluded.period, models = excluded.models, updated = excluded.updated,
+                     updated_by = excluded.updated_by""",
+                 (rule["match"], rule["limit"], rule["days"], rule["period"], json.dumps(list(rule["models"])), now, admin))
+    _audit(conn, admin, "budget.set", rule["match"], {**budget_detail(rule), "previous": budget_detail(before)}, now)
+    return _bump_version(conn)
+
+
+def _remove_rule(conn: sqlite3.Connection, match: str, admin: str, now: float) -> dict | None:
+    before = _rule(conn, match)
+    if before is None:
+        return None
+    conn.execute("DELETE FROM budget_rules WHERE match = ?", (match,))
+    _audit(conn, admin, "budget.remove", match, {"removed": budget_detail(before)}, now)
+    _bump_version(conn)
+    return before
+
+
+def _audit(conn: sqlite3.Connection, admin: str, action: str, target: str, detail: dict, now: float) -> None:
+    conn.execute("INSERT INTO audit (ts, admin, action, target, detail) VALUES (?,?,?,?,?)",
+                 (now, admin, action, target, json.dumps(detail)))
