@@ -27,14 +27,18 @@ class Identity:
         return self.native_key is not None
 
 
-def token_from_headers(headers: Mapping[str, str]) -> str:
-    """The token from `Authorization: Bearer t` (any case), a bare `Authorization: t`, or `x-goog-api-key`."""
-    value = (headers.get("Authorization") or "").strip()
-    if value[:7].lower() == "bearer ":
-        value = value[7:].strip()
-    elif value.lower() == "bearer":
-        value = ""
-    return value or (headers.get("x-goog-api-key") or "").strip()
+def token_from_headers(headers: Mapping[str, str], names: tuple[str, ...] = ("Authorization",)) -> str:
+    """The token from the first of the headers `names` that has one: `Authorization: Bearer t` (any case), a bare
+    `Authorization: t`, or a key header such as `x-api-key: t` (each provider names its own: providers.base)."""
+    for name in names:
+        value = (headers.get(name) or "").strip()
+        if value[:7].lower() == "bearer ":
+            value = value[7:].strip()
+        elif value.lower() == "bearer":
+            value = ""
+        if value:
+            return value
+    return ""
 
 
 def is_native_key(token: str) -> bool:

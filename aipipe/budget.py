@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from fnmatch import fnmatchcase
+from functools import lru_cache
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
@@ -53,6 +55,20 @@ def resets_at(budget: Budget, today: date) -> str | None:
     else:
         nxt = (today.replace(day=28) + timedelta(days=4)).replace(day=1)
     return datetime(nxt.year, nxt.month, nxt.day, tzinfo=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def model_allowed(patterns: tuple[str, ...], provider: str, model: str) -> bool:
+    """Whether a budget's model patterns admit `model` as the request names it, or as `<provider>/<model>` (so
+    "openai/*" admits every model of /openai/ and OpenRouter's openai/... models alike). Shell-style patterns,
+    case-insensitive."""
+    name = model.lower()
+    qualified = f"{provider}/{name}"
+    return any(fnmatchcase(name, p) or fnmatchcase(qualified, p) for p in _lowered(patterns))
+
+
+@lru_cache(maxsize=256)
+def _lowered(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p.lower() for p in patterns)
 
 
 def usd(amount: float) -> str:

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-PROVIDER_NAMES = ("openai", "openrouter", "gemini")
+from .providers import BY_NAME as PROVIDER_TABLE
+
+PROVIDER_NAMES = tuple(PROVIDER_TABLE)  # [providers.<name>] sections, from the provider table
 PERIODS = ("day", "week", "month")
 CHOICES = {"storage.admission": ("auto", "store"), "server.log_format": ("text", "json")}
 
@@ -72,12 +74,8 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_KEY = {s.key: s for s in SETTINGS}
 _TABLE_SECTIONS = ("budget", "salt", "providers")
 
-DEFAULT_BASE_URLS = {
-    "openai": "https://api.openai.com",
-    "openrouter": "https://openrouter.ai/api",
-    "gemini": "https://generativelanguage.googleapis.com",
-}
-KEY_ENV = {"openai": "OPENAI_API_KEY", "openrouter": "OPENROUTER_API_KEY", "gemini": "GEMINI_API_KEY"}
+DEFAULT_BASE_URLS = {name: p.default_base_url for name, p in PROVIDER_TABLE.items()}
+KEY_ENV = {name: p.key_env for name, p in PROVIDER_TABLE.items()}
 
 
 @dataclass(frozen=True)

@@ -7,21 +7,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from datetime import date
 
 from tornado.httpclient import AsyncHTTPClient
 
 from .auth import AuthError, Identity, TokenVerifier, is_native_key, token_from_headers
 from .books import Books
-from .budget import over_budget_message, today_utc, utc_date, window_start
+from .budget import model_allowed, over_budget_message, today_utc, utc_date, window_start
 from .config import Budget, Config
 from .errors import ApiError
 from .ledger import Ledger
 from .metrics import Metrics
 from .pricing import PriceTable
+from .providers import TOKEN_HEADERS
 from .providers.base import Call
 from .providers.openrouter import ModelCatalog
+from .rules import BudgetRules
 from .storage import Decision, Charge, HoldRequest, Store, StoreUnavailable
 from .upstream import Upstream
 
@@ -35,19 +36,6 @@ RESTART_ONLY = ("server.host", "server.port", "server.processes", "server.xheade
                 "storage.url", "storage.pool_min", "storage.pool_max", "storage.admission", "proxy.allow_private",
                 "auth.google_certs_url")
 HEALTH_TIMEOUT = 2.0
-
-
-@dataclass
-class Outcome:
-    """What happened to a proxied call, for its ledger row."""
-
-    status: int = 0
-    usage: object = None
-    streamed: bool = False
-    aborted: bool = False
-    output_bytes: int = 0
-    cost: float = 0.0
-    cut: bool = False  # forwarded, then cut off before a whole answer came (a shutdown, a broken answer)
 
 
 class Gateway:
@@ -64,6 +52,7 @@ class Gateway:
         self.http = AsyncHTTPClient(force_instance=True)  # Google's keys, OpenRouter's model list
         self._tasks: list[asyncio.Task] = []
         self._health: tuple[float, str | None] = (float("-inf"), None)  # (when checked, what was wrong)
+        self.rules = BudgetRules(config, store, watch=not in_memory)  # the file's budgets and the store's
         self._use(config, prices or PriceTable.shipped())
 
     def _use(self, config: Config, prices: PriceTable) -> None:
@@ -76,6 +65,8 @@ class Gateway:
             config.get("limits.max_concurrent_per_user"), config.get("limits.rpm_per_user"), config.get("limits.hold_seconds"))
         self._catalog: ModelCatalog | None = None
         self._windows: dict[str, tuple[date, Budget, date]] = {}  # email -> (today, budget, window start)
+        self.rules.use_config(config)
+        self._rules_version = self.rules.version  # _windows holds budgets of this version of the rules
 
     def reload(self, config: Config) -> list[str]:
         """Apply a re-read config (and pricing.json) to the next request; returns the changed settings that only
@@ -92,6 +83,7 @@ class Gateway:
     async def start(self) -> None:
         """Claim the store, then start background work: the ledger writer and hold pruning."""
         self.store.claim(exclusive=self.books is not None)
+        await self.rules.load()
         self.ledger.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._prune_forever()))
@@ -165,9 +157,10 @@ class Gateway:
         if self.books is not None:
             self.books.forget_spend(email)
 
-    def identify(self, headers, allow_native: bool = True) -> Identity:
-        """Who sent the request; 401 for missing or bad tokens."""
-        token = token_from_headers(headers)
+    def identify(self, headers, allow_native: bool = True, token_headers: tuple[str, ...] = TOKEN_HEADERS) -> Identity:
+        """Who sent the request, by the token in the first of `token_headers` that has one; 401 for missing or bad
+        tokens."""
+        token = token_from_headers(headers, token_headers)
         if token and is_native_key(token):
             if not (allow_native and self.config.get("auth.allow_native_keys")):
                 raise ApiError(401, "Provider keys cannot be used here: use an AI Pipe token")
@@ -180,6 +173,12 @@ class Gateway:
     def is_admin(self, email: str | None) -> bool:
         """Whether email is an admin."""
         return bool(email) and email in self.config.admins
+
+    def check_model(self, email: str, provider, model: str) -> None:
+        """403 when the user's budget names the models they may call and `model` is not among them."""
+        patterns = self._window(email)[0].models
+        if patterns and model and not model_allowed(patterns, provider.name, model):
+            raise ApiError(403, f"Model {model} is not allowed for you")
 
     def provider_key(self, name: str) -> str:
         """The operator's key for a provider; 503 if the operator set none."""
@@ -198,6 +197,8 @@ class Gateway:
 
     async def admit(self, email: str, hold: float) -> Decision:
         """Check budget, concurrency and rate, and hold `hold` USD; 429 or 503 when refused."""
+        if self.books is None:
+            await self.rules.sync()  # a rule another process or instance set applies to this request
         budget, request = self._hold_request(email, hold)
         try:
             admission = await self.ledger.reserve(request)
@@ -245,15 +246,18 @@ class Gateway:
     def _window(self, email: str) -> tuple[Budget, date]:
         """The user's budget and the first day of its window today (looked up once a day per user)."""
         today = today_utc()
+        if self._rules_version != self.rules.version:  # an admin changed the rules: look budgets up again
+            self._windows.clear()
+            self._rules_version = self.rules.version
         known = self._windows.get(email)
         if known is None or known[0] != today:
             if len(self._windows) >= 100_000:
                 self._windows.clear()
-            budget = self.config.budget_for(email)
+            budget = self.rules.budget_for(email)
             known = self._windows[email] = (today, budget, window_start(budget, today))
         return known[1], known[2]
 
-    def settle(self, email: str, admission: Decision, provider: str, call: Call, outcome: Outcome,
+    def settle(self, email: str, admission: Decision, provider: str, call: Call, outcome,
                duration_ms: float) -> asyncio.Future:
         """Queue the call's charge (or just release its hold when it cost nothing)."""
         billed = call.billable and (200 <= outcome.status < 300 or outcome.cut)

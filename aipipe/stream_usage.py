@@ -24,12 +24,13 @@ def _usage_data(raw: bytes) -> bytes | None:
     return data if b"usage" in data and b'"usage":null' not in data else None
 
 
-def event_usage(raw: bytes) -> Usage | None:
-    """Usage reported by one raw event (OpenAI's usage or Gemini's usageMetadata), else None."""
+def event_usage(raw: bytes, reader=read_usage) -> Usage | None:
+    """Usage reported by one raw event, read from its parsed data by `reader` (a provider's event_usage), else
+    None."""
     data = _usage_data(raw)
     if data is None:
         return None
-    return read_usage(parse_answer(data))
+    return reader(parse_answer(data))
 
 
 def may_report_usage(region: bytes, length: int | None) -> bool:

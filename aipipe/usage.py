@@ -17,12 +17,15 @@ class Usage:
 
     input_tokens: int = 0
     output_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # cache reads
+    cache_write_tokens: int = 0  # prompt-cache writes (Anthropic's 5-minute cache)
+    cache_write_1h_tokens: int = 0  # 1-hour cache writes
     audio_input_tokens: int = 0
     audio_output_tokens: int = 0
     image_input_tokens: int = 0
     reasoning_tokens: int = 0
     seconds: float = 0.0  # audio duration, for per-minute models
+    web_searches: int = 0  # searches the provider ran and bills per search
     cost: float | None = None  # USD the provider itself reported (OpenRouter)
     model: str = ""
 
@@ -43,7 +46,7 @@ def parse_answer(data: bytes):
         return None
 
 
-def _int(d: dict | None, *keys: str) -> int:
+def count(d: dict | None, *keys: str) -> int:
     """The first of keys that holds a number, as a count: 0 when absent, negative or NaN (a credit is never
     billed); MAX_COUNT for a count past any real answer, which the caller then prices as it would an answer
     whose usage it cannot trust (providers.base: the call's hold)."""
@@ -86,16 +89,16 @@ def _openai_usage(u: dict, model: str) -> Usage:
             and 0 <= made < MAX_COUNT):  # Chat Completions' usual case
         usage = Usage(given, made, model=model)
     else:
-        usage = Usage(_int(u, "prompt_tokens", "input_tokens"), _int(u, "completion_tokens", "output_tokens"), model=model)
+        usage = Usage(count(u, "prompt_tokens", "input_tokens"), count(u, "completion_tokens", "output_tokens"), model=model)
     details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or u.get("input_token_details")
     if isinstance(details, dict):
-        usage.cached_tokens = _int(details, "cached_tokens")
-        usage.audio_input_tokens = _int(details, "audio_tokens")
-        usage.image_input_tokens = _int(details, "image_tokens")
+        usage.cached_tokens = count(details, "cached_tokens")
+        usage.audio_input_tokens = count(details, "audio_tokens")
+        usage.image_input_tokens = count(details, "image_tokens")
     details = u.get("completion_tokens_details") or u.get("output_tokens_details")
     if isinstance(details, dict):
-        usage.audio_output_tokens = _int(details, "audio_tokens")
-        usage.reasoning_tokens = _int(details, "reasoning_tokens")
+        usage.audio_output_tokens = count(details, "audio_tokens")
+        usage.reasoning_tokens = count(details, "reasoning_tokens")
     if u.get("type") == "duration":  # Whisper's usage for audio it was sent
         seconds = u.get("seconds")
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 < seconds < math.inf:
@@ -111,17 +114,17 @@ def _modality_tokens(details, modality: str) -> int:
     """Tokens of one modality in Gemini's [{modality, tokenCount}] lists."""
     if not isinstance(details, list):
         return 0
-    return sum(_int(d, "tokenCount") for d in details if isinstance(d, dict) and d.get("modality") == modality)
+    return sum(count(d, "tokenCount") for d in details if isinstance(d, dict) and d.get("modality") == modality)
 
 
 def _gemini_usage(meta: dict, model: str) -> Usage:
     # thoughtsTokenCount is billed as output but not counted in candidatesTokenCount
     return Usage(
-        input_tokens=_int(meta, "promptTokenCount"),
-        output_tokens=_int(meta, "candidatesTokenCount") + _int(meta, "thoughtsTokenCount"),
-        cached_tokens=_int(meta, "cachedContentTokenCount"),
+        input_tokens=count(meta, "promptTokenCount"),
+        output_tokens=count(meta, "candidatesTokenCount") + count(meta, "thoughtsTokenCount"),
+        cached_tokens=count(meta, "cachedContentTokenCount"),
         audio_input_tokens=_modality_tokens(meta.get("promptTokensDetails"), "AUDIO"),
         audio_output_tokens=_modality_tokens(meta.get("candidatesTokensDetails"), "AUDIO"),
-        reasoning_tokens=_int(meta, "thoughtsTokenCount"),
+        reasoning_tokens=count(meta, "thoughtsTokenCount"),
         model=model,
     )

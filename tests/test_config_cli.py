@@ -36,7 +36,7 @@ def test_example_config_is_valid_and_budget_lookup_order():
 
 
 @pytest.mark.parametrize("data,needle", [
-    ({"providers": {"anthropic": {"base_url": "https://x"}}}, "providers.anthropic"),
+    ({"providers": {"mistral": {"base_url": "https://x"}}}, "providers.mistral"),
     ({"budget": {"*": {"limit": -1, "days": 7}}}, 'budget."*".limit'),
     ({"budget": {"*": {"limit": 1, "days": 0}}}, 'budget."*".days'),
     ({"budget": {"*": {"limit": 1, "period": "year"}}}, 'budget."*".period'),

@@ -85,8 +85,18 @@ def test_negative_or_odd_counts_never_credit_the_user():
 
 @pytest.mark.parametrize("provider,model,most", [
     ("openai", "gpt-4o-mini-2024-07-18", 16384), ("openai", "gpt-4.1", 32768), ("openai", "o4-mini", 100000),
-    ("openai", "gpt-5", 128000), ("gemini", "gemini-2.5-flash", 65536), ("gemini", "gemini-2.5-pro>200k", 65536),
+    ("openai", "gpt-5", 128000), ("gemini", "gemini-2.5-flash", 65536), ("gemini", "gemini-2.5-pro", 65536),
     ("openai", "gpt-4-32k", 0)])  # 0: not known, limits.default_max_output_tokens applies
 def test_the_table_ships_each_models_maximum_output(provider, model, most):
     price = TABLE.lookup(provider, model)
     assert price.max_output == most and type(price.max_output) is int
+
+
+def test_a_long_prompt_entry_becomes_the_models_price_above_its_threshold():
+    price = TABLE.lookup("gemini", "gemini-2.5-pro")
+    assert TABLE.lookup("gemini", "gemini-2.5-pro>200k") is None  # not a model of its own
+    assert (price.long_above, price.long.input, price.long.output, price.long.max_output) == (200_000, 2.5, 15, 65536)
+    at_threshold = cost_of(price, Usage(input_tokens=200_000, output_tokens=1000))
+    above = cost_of(price, Usage(input_tokens=200_001, output_tokens=1000))
+    assert abs(at_threshold - (200_000 * 1.25 + 1000 * 10) / 1e6) < 1e-9
+    assert abs(above - (200_001 * 2.5 + 1000 * 15) / 1e6) < 1e-9

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
 
-from aipipe.gateway import Outcome
+from aipipe.relay import Outcome
 from aipipe.handlers.proxy import ProviderCall
+from aipipe.providers import PROVIDERS
 from aipipe.sse import EventSplitter, data_length, parse_event, simple_data_length, split_events
 from aipipe.usage import read_usage
 
@@ -79,6 +80,7 @@ def reference_relay(pieces: list[bytes], strip: bool) -> tuple[bytes, int, objec
 class Relay:
     """ProviderCall's event relay without Tornado: what it sends, counts and finds."""
 
+    provider = PROVIDERS["openai"]
     _relay_events = ProviderCall._relay_events
     _read_events = ProviderCall._read_events
     _finish_events = ProviderCall._finish_events

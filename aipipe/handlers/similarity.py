@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import binascii
-import logging
 import time
 from dataclasses import dataclass
 
@@ -11,15 +10,12 @@ import orjson
 from tornado.httputil import HTTPHeaders
 
 from ..errors import ApiError
-from ..gateway import Outcome
-from ..pricing import cost_of
-from ..providers.base import Call, require_price, set_hold
-from ..upstream import describe, is_timeout
-from ..usage import Usage, read_usage
+from ..providers import PROVIDERS
+from ..providers.base import Call
+from ..relay import Relay
+from ..usage import parse_answer
 from .base import ApiHandler
-from .proxy import KEY_REJECTED
 
-log = logging.getLogger("aipipe.similarity")
 DEFAULT_MODEL = "text-embedding-3-small"
 ITEMS = 'a non-empty list of strings or {type: "text", value} objects'
 UNEXPECTED_SHAPE = "openai answered embeddings in an unexpected shape"
@@ -124,6 +120,28 @@ def measure_similarity(n_docs: int = 1000, n_topics: int = 1000, dims: int = 153
     return time.perf_counter() - started
 
 
+class EmbeddingsCall(Relay):
+    """The relay's client side for /similarity: the provider's answer is kept here, not sent on."""
+
+    def __init__(self, gateway) -> None:
+        self.gw, self.chunks = gateway, []
+
+    def write(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def answer(self) -> dict:
+        """The embeddings answer as JSON; the provider's own error (with its status) when it refused the call."""
+        answer = parse_answer(b"".join(self.chunks) or b"null")
+        status = self.outcome.status
+        if not 200 <= status < 300:
+            error = answer.get("error") if isinstance(answer, dict) else None
+            text = error.get("message") if isinstance(error, dict) else None
+            raise ApiError(status, text if isinstance(text, str) else f"openai answered {status}")
+        if not isinstance(answer, dict):
+            raise ApiError(502, UNEXPECTED_SHAPE)
+        return answer
+
+
 class SimilarityHandler(ApiHandler):
     """Embeds docs and topics in one upstream call, billed like any embeddings call."""
 
@@ -131,7 +149,6 @@ class SimilarityHandler(ApiHandler):
     token_before_body = True  # a body is refused before it is read when the token is missing or bad
 
     async def post(self) -> None:
-        started = time.perf_counter()
         identity = self.gw.identify(self.request.headers)
         config = self.gw.config
         req = parse_request(self.json_body(), config.get("similarity.max_items"), config.get("similarity.max_chars"))
@@ -139,54 +156,15 @@ class SimilarityHandler(ApiHandler):
         payload = {"model": req.model, "input": req.docs + (req.topics or []), "encoding_format": "base64"}
         call = Call(method="POST", path="/v1/embeddings", query="", body=orjson.dumps(payload),
                     headers=HTTPHeaders({"Content-Type": "application/json"}))
-        price = require_price(call, self.gw.prices.lookup("openai", req.model), req.model)
-        set_hold(call, price, self.gw.default_hold)
-        key = identity.native_key or self.gw.provider_key("openai")
-        admission = None if identity.is_native else await self.gw.admit(identity.email, call.hold)
-        outcome = Outcome()
-        try:
-            answer = await self._embed(call, key, outcome, identity.is_native)
-        finally:
-            if admission is not None:
-                elapsed = (time.perf_counter() - started) * 1000
-                self.gw.settle(identity.email, admission, "openai", call, outcome, elapsed)
+        embedding = EmbeddingsCall(self.gw)
+        await embedding.relay(identity, PROVIDERS["openai"], call)  # priced, admitted and settled like any call
+        answer = embedding.answer()
         n_docs = len(req.docs)
         matrix = embeddings_matrix(answer, len(payload["input"]))
         similarity = cosine_similarity(matrix[:n_docs], None if req.topics is None else matrix[n_docs:], req.precision)
-        tokens = outcome.usage.input_tokens
+        usage = embedding.outcome.usage
+        tokens = usage.input_tokens if usage is not None else call.input_estimate
         self.set_header("Content-Type", "application/json")
-        self.set_header("X-AIPipe-Cost", f"{outcome.cost:.10f}".rstrip("0").rstrip(".") or "0")
+        self.set_header("X-AIPipe-Cost", f"{embedding.outcome.cost:.10f}".rstrip("0").rstrip(".") or "0")
         self.finish(orjson.dumps({"model": req.model, "similarity": similarity, "tokens": tokens,
                                   "usage": {"prompt_tokens": tokens}}, option=orjson.OPT_SERIALIZE_NUMPY))
-
-    async def _embed(self, call: Call, key: str, outcome: Outcome, native: bool) -> dict:
-        """One POST to OpenAI's /v1/embeddings; fills outcome (status, usage, cost) for the ledger."""
-        timeout = self.gw.upstream_timeout
-        answered = await self.gw.upstream.fetch(
-            "POST", self.gw.config.providers["openai"].base_url + call.path,
-            {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}, call.body,
-            connect_timeout=min(30.0, timeout), timeout=timeout)
-        if isinstance(answered, BaseException):
-            outcome.status = 599
-            if is_timeout(answered):
-                raise ApiError(504, "openai did not answer in time")
-            raise ApiError(502, f"Could not reach openai: {describe(answered)}")
-        code, body = answered
-        outcome.status = code
-        if code in (401, 403) and not native:
-            log.error("openai answered %d to the operator's key: check OPENAI_API_KEY", code)
-            raise ApiError(502, KEY_REJECTED)
-        try:
-            answer = orjson.loads(body or b"null")
-        except orjson.JSONDecodeError:
-            answer = None
-        if not 200 <= code < 300:
-            error = answer.get("error") if isinstance(answer, dict) else None
-            text = error.get("message") if isinstance(error, dict) else None
-            raise ApiError(code, text if isinstance(text, str) else f"openai answered {code}")
-        usage = read_usage(answer)
-        outcome.usage = usage or Usage(input_tokens=call.input_estimate, model=call.model)
-        outcome.cost = cost_of(call.price, usage) if usage else call.fallback_cost
-        if not isinstance(answer, dict):
-            raise ApiError(502, UNEXPECTED_SHAPE)
-        return answer

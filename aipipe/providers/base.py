@@ -8,17 +8,17 @@ import orjson
 from tornado.httputil import HTTPHeaders, parse_body_arguments
 
 from ..errors import ApiError
-from ..pricing import Price, cost_of, output_price, tokens_cost
+from ..pricing import Price, cost_of, input_price, output_price, tokens_cost
 from ..usage import Usage, read_usage
 
-# Request headers a client may send to the provider; everything else (Cookie, Origin, Referer,
-# hop-by-hop headers, OpenAI-Organization/Project, the caller's own credentials) stays here.
+# Request headers any client may send to any provider (a provider adds its own: Provider.forwarded); everything
+# else (Cookie, Origin, Referer, hop-by-hop headers, OpenAI-Organization/Project, the caller's own credentials)
+# stays here.
 FORWARD_REQUEST_HEADERS = frozenset({
-    "accept", "accept-language", "content-type", "user-agent", "openai-beta", "idempotency-key",
-    "http-referer", "x-title", "x-request-id", "x-client-request-id",
+    "accept", "accept-language", "content-type", "user-agent", "idempotency-key", "x-request-id",
+    "x-client-request-id",
 })
-FORWARD_REQUEST_PREFIXES = ("x-stainless-",)
-_FORWARDED: dict[str, bool] = {}  # request header names (as Tornado spells them) seen so far -> forwarded?
+FORWARD_REQUEST_PREFIXES = ("x-stainless-",)  # the official SDKs' platform and retry headers
 NO_BODY_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")  # the first one set counts
 MAX_CHOICES = 128  # more answers than this per call (n, candidateCount) no provider grants; a bigger n holds this many
@@ -97,15 +97,6 @@ class Call:
         return min(v, MAX_CHOICES) if v.__class__ is int and v > 1 else 1
 
 
-def is_forwarded(name: str) -> bool:
-    """Whether a request header goes on to the provider (remembered for the first 4,096 names of up to 64 characters)."""
-    lower = name.lower()
-    forward = lower in FORWARD_REQUEST_HEADERS or lower.startswith(FORWARD_REQUEST_PREFIXES)
-    if len(_FORWARDED) < 4096 and len(name) <= 64:  # clients choose header names: keep the memory bounded
-        _FORWARDED[name] = forward
-    return forward
-
-
 def require_price(call: Call, price: Price | None, model: str) -> Price:
     """The price, or 400 `Model X pricing unknown` before anything goes upstream."""
     if price is None:
@@ -127,11 +118,13 @@ def set_hold(call: Call, price: Price, default_hold: float, fixed: float = 0.0,
     """
     text_body = "multipart/" not in call.headers.get("Content-Type", "").lower()  # a form's parts are files
     body_bytes = len(call.body) if text_body else 0
+    if price.long is not None and body_bytes > price.long_above:  # may be a long prompt, at its own price
+        price = price.long
     call.input_estimate = body_bytes // 4  # the usual size of a token: what a call without usage is charged
     asked = call.max_output_tokens()
     choices = call.choices()
     most_out = (asked or price.max_output or default_max_output) * choices
-    call.hold = (body_bytes * price.input + most_out * output_price(price)) / 1e6 + price.per_request + fixed
+    call.hold = (body_bytes * input_price(price) + most_out * output_price(price)) / 1e6 + price.per_request + fixed
     if price.per_minute or (not text_body and (price.input or price.audio_input)):
         call.hold += default_hold
     # what an answer without usage is charged: the estimate AI Pipe always charged, never above the hold
@@ -150,10 +143,22 @@ def streamed_estimate(call: Call, output_bytes: int) -> float:
 
 
 class Provider:
-    """A provider: where to send, how to authenticate, how to prepare and price a call."""
+    """Everything about one provider: its route, configuration, credentials, headers, pricing and usage.
 
-    name = ""
+    The rest of the gateway reads these through the provider table (aipipe.providers.PROVIDERS) and names no
+    provider itself, so adding one is adding a module and its prices."""
+
+    route = ""  # the URL segment: /<route>/... is this provider's
+    name = ""  # its [providers.<name>] section, price-table and ledger name
+    default_base_url = ""
+    key_env = ""  # the environment variable holding the operator's key
     prefix = ""  # URL path prefix below the provider's base_url
+    forwarded: frozenset[str] = frozenset()  # request headers (lower-case) sent on beyond FORWARD_REQUEST_HEADERS
+    default_headers: dict[str, str] = {}  # sent upstream when the caller sent none
+    token_headers: tuple[str, ...] = ("Authorization",)  # where callers may put their AI Pipe token, in order
+
+    def __init__(self) -> None:
+        self._forwarding: dict[str, bool] = {}  # request header names (as Tornado spells them) seen -> forwarded?
 
     def target_url(self, base_url: str, call: Call) -> str:
         """The upstream URL for call."""
@@ -164,15 +169,28 @@ class Provider:
         """Headers that carry the operator's (or a native) key upstream."""
         return {"Authorization": f"Bearer {key}"}
 
+    def is_forwarded(self, name: str) -> bool:
+        """Whether a request header goes on to the provider (remembered for the first 4,096 names of up to 64
+        characters: clients choose header names, so the memory stays bounded)."""
+        forward = self._forwarding.get(name)
+        if forward is None:
+            lower = name.lower()
+            forward = (lower in FORWARD_REQUEST_HEADERS or lower in self.forwarded
+                       or lower.startswith(FORWARD_REQUEST_PREFIXES))
+            if len(self._forwarding) < 4096 and len(name) <= 64:
+                self._forwarding[name] = forward
+        return forward
+
     def forward_headers(self, call: Call, key: str) -> dict[str, str]:
-        """The allow-listed request headers (the last value of one sent twice) plus the key."""
+        """The allow-listed request headers (the last value of one sent twice), the defaults the caller left
+        out, and the key."""
         headers, out = call.headers, {}
         for name in headers:
-            forward = _FORWARDED.get(name)
-            if forward is None:
-                forward = is_forwarded(name)
-            if forward:
+            if self.is_forwarded(name):
                 out[name] = headers.get_list(name)[-1]
+        for name, value in self.default_headers.items():
+            if name not in headers:
+                out[name] = value
         out.update(self.auth_headers(key))
         return out
 
@@ -187,6 +205,18 @@ class Provider:
     def answer_usage(self, call: Call, obj: Any) -> Usage | None:
         """Usage from a parsed JSON answer (None when it reports none)."""
         return read_usage(obj)
+
+    def event_usage(self, obj: Any) -> Usage | None:
+        """Usage reported by one event of a stream, its data parsed (None when it reports none)."""
+        return read_usage(obj)
+
+    # Whether a stream reports its usage in parts, over several events (see combine_usage); when not, the last
+    # event reporting usage has it all, and the relay reads no other.
+    usage_in_parts = False
+
+    def combine_usage(self, earlier: Usage | None, later: Usage) -> Usage:
+        """The usage of a stream so far, given what an earlier event reported and what a later one does."""
+        return later
 
     def cost(self, call: Call, usage: Usage) -> float:
         """USD for usage reported by the provider."""

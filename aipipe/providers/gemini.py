@@ -17,7 +17,6 @@ MODEL_ACTION = re.compile(r"^/models/([A-Za-z0-9._-]+):([A-Za-z]+)$")
 GENERATE = frozenset({"generateContent", "streamGenerateContent"})
 EMBED = frozenset({"embedContent", "batchEmbedContents"})
 FREE = frozenset({"countTokens"})
-LONG_PROMPT = 200_000  # prompt tokens above which "<model>>200k" prices apply, when the table has them
 CHARS_PER_TOKEN = 4  # Google's rule of thumb; embeddings report no usage, so their input is estimated
 
 
@@ -47,8 +46,12 @@ def _loads(body: bytes):
 class Gemini(Provider):
     """Google's Gemini API: generate (JSON, SSE, JSON-array streams), embed, count tokens."""
 
+    route = "geminiv1beta"  # the route names the API version; configuration and ledger say "gemini"
     name = "gemini"
+    default_base_url = "https://generativelanguage.googleapis.com"
+    key_env = "GEMINI_API_KEY"
     prefix = "/v1beta"
+    token_headers = ("Authorization", "x-goog-api-key")  # what Google's SDKs send
 
     def target_url(self, base_url: str, call: Call) -> str:
         """The upstream URL, without any ?key= (the server key travels in x-goog-api-key)."""
@@ -78,17 +81,13 @@ class Gemini(Provider):
         if action not in GENERATE | EMBED:
             raise ApiError(400, f"Gemini method {action} is not supported here")
         price = require_price(call, gateway.prices.lookup("gemini", model), model)
-        call.extra["long_price"] = gateway.prices.lookup("gemini", f"{model}>{LONG_PROMPT // 1000}k")
         call.data = _loads(call.body)
         if action in EMBED:
             tokens = embed_tokens(call.data, call.body)
             call.extra["embed_tokens"] = tokens
             set_hold(call, price, gateway.default_hold, fixed=cost_of(price, Usage(input_tokens=tokens)))
         else:
-            # a body that may hold more than 200k tokens (one per byte at most) is held at the long-prompt price
-            long_price = call.extra["long_price"] if len(call.body) > LONG_PROMPT else None
-            set_hold(call, long_price or price, gateway.default_hold, 0.0,
-                     gateway.config.get("limits.default_max_output_tokens"))
+            set_hold(call, price, gateway.default_hold, 0.0, gateway.config.get("limits.default_max_output_tokens"))
 
     def answer_usage(self, call: Call, obj) -> Usage | None:
         """Usage of a JSON answer: a JSON-array stream's last usageMetadata (it is cumulative); embeddings estimated."""
@@ -100,12 +99,6 @@ class Gemini(Provider):
                 found = read_usage(chunk) or found
             return found
         return read_usage(obj)
-
-    def cost(self, call: Call, usage: Usage) -> float:
-        """Tokens at the model's price, or its long-prompt price above 200k prompt tokens."""
-        long_price = call.extra.get("long_price")
-        price = long_price if long_price is not None and usage.input_tokens > LONG_PROMPT else call.price
-        return cost_of(price, usage) if price else 0.0
 
 
 PROVIDER = Gemini()

@@ -19,7 +19,10 @@ FREE_POST = re.compile(
 class OpenAI(Provider):
     """OpenAI's API: chat completions, responses, embeddings, audio, images, models."""
 
-    name = "openai"
+    route = name = "openai"
+    default_base_url = "https://api.openai.com"
+    key_env = "OPENAI_API_KEY"
+    forwarded = frozenset({"openai-beta"})
 
     async def prepare(self, call: Call, gateway) -> None:
         """Require a priced model on every paid call; ask chat streams to report usage."""

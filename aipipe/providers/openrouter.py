@@ -84,7 +84,10 @@ class ModelCatalog:
 class OpenRouter(Provider):
     """OpenRouter's OpenAI-compatible API across many models."""
 
-    name = "openrouter"
+    route = name = "openrouter"
+    default_base_url = "https://openrouter.ai/api"
+    key_env = "OPENROUTER_API_KEY"
+    forwarded = frozenset({"openai-beta", "http-referer", "x-title"})  # HTTP-Referer and X-Title: app attribution
 
     async def prepare(self, call: Call, gateway) -> None:
         """Require a model OpenRouter lists a price for."""
