@@ -32,8 +32,8 @@ export async function api(path, { token, method = "GET", body } = {}) {
 }
 
 /** fetch() that turns network failures and error statuses into ApiProblem; returns the Response. */
-export async function send(path, { token, method = "GET", body, signal } = {}) {
-  const headers = {};
+export async function send(path, { token, method = "GET", body, signal, headers: extra = {} } = {}) {
+  const headers = { ...extra };
   if (token) headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
@@ -71,9 +71,17 @@ export function usd(value) {
 
 /** Show who is signed in (or nobody) in the page header. */
 export function showWho(email) {
-  document.getElementById("who").textContent = email || "";
+  const who = document.getElementById("who");
+  who.textContent = email || "";
+  who.title = email || ""; // a long address is cut short on narrow screens
   document.getElementById("signin").classList.toggle("hidden", Boolean(email));
   document.getElementById("signout").classList.toggle("hidden", !email);
+  if (!email) showAdminLink(false);
+}
+
+/** Show the header's Admin link, which only admins can use. */
+export function showAdminLink(on) {
+  document.getElementById("admin-link").classList.toggle("hidden", !on);
 }
 
 /** The signed-in profile, or null after sending the visitor to /login (and back here afterwards). */

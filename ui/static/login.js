@@ -1,6 +1,6 @@
 // /login: sign in with Google (or a pasted token), then show the token or hand it to ?redirect=.
 import { clearProfile, getProfile, saveProfile } from "/aipipe.js";
-import { api, clearError, copyButton, showError, showMessage, showWho, usageLine } from "/static/app.js";
+import { api, clearError, copyButton, showAdminLink, showError, showMessage, showWho, usageLine } from "/static/app.js";
 
 const $ = (id) => document.getElementById(id);
 const show = (id, on = true) => $(id)?.classList.toggle("hidden", !on);
@@ -29,7 +29,9 @@ async function showProfile({ token, email }) {
   $("profile-token").value = token;
   show("profile-section");
   try {
-    $("profile-usage").textContent = usageLine(await api("/usage", { token }));
+    const usage = await api("/usage", { token });
+    $("profile-usage").textContent = usageLine(usage);
+    showAdminLink(usage.admin);
   } catch (error) {
     showError(error);
   }

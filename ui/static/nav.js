@@ -1,9 +1,17 @@
-// Header: who is signed in, and signing out.
+// Header: who is signed in, signing out, and the Admin link for admins only.
 import { clearProfile, getProfile } from "/aipipe.js";
-import { showWho } from "/static/app.js";
+import { api, showAdminLink, showWho } from "/static/app.js";
 
-showWho(getProfile().email);
+const { token, email } = getProfile();
+showWho(email);
 document.getElementById("signout").addEventListener("click", () => {
   clearProfile();
   location.href = "/";
 });
+if (token) {
+  // The page itself reports a refused token; the header just leaves the link hidden
+  api("/usage?days=1", { token }).then(
+    (u) => showAdminLink(u.admin),
+    () => {},
+  );
+}
