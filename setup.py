@@ -33,6 +33,7 @@ setup(
             "pytest>=8",
             "pytest-tornado>=0.8",
             "openai>=1.40",
+            "anthropic>=0.40",
             "hypothesis>=6",
             "playwright>=1.45",
             "cryptography>=42",

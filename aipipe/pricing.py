@@ -8,7 +8,7 @@ from importlib import resources
 
 from .usage import Usage
 
-_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3})$")
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|latest)$")
 _LONG = re.compile(r"^(.+)>(\d+)k$")  # "gemini-2.5-pro>200k": the price of prompts above 200,000 tokens
 
 

@@ -23,6 +23,7 @@ ENV = {
     "OPENAI_API_KEY": OPERATOR_KEYS["openai"],
     "OPENROUTER_API_KEY": OPERATOR_KEYS["openrouter"],
     "GEMINI_API_KEY": "AIza-test-gemini-operator",
+    "ANTHROPIC_API_KEY": "sk-ant-test-operator",
     "ADMIN_EMAILS": "root@example.com, boss@example.com",
 }
 POSTGRES_URL = os.environ.get("AIPIPE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -67,6 +68,7 @@ def base_config(upstream_url: str, storage_url: str) -> dict:
             "openai": {"base_url": upstream_url},
             "openrouter": {"base_url": upstream_url + "/api"},
             "gemini": {"base_url": upstream_url},
+            "anthropic": {"base_url": upstream_url + "/anthropic-api"},
         },
         "limits": {"max_concurrent_per_user": 8},
     }

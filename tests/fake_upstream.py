@@ -13,6 +13,7 @@ import orjson
 import tornado.web
 from tornado.httputil import parse_body_arguments
 
+from .fake_anthropic import anthropic_routes
 from .fake_gemini import GeminiHandler, gemini_routes
 
 OPERATOR_KEYS = {"openai": "sk-test-openai-operator", "openrouter": "sk-or-test-operator"}
@@ -49,6 +50,11 @@ class FakeState:
     embeddings_edit: object = None  # a function(answer dict) -> the embeddings answer to send instead
     script: list[bytes] | None = None  # a stream answer sent as given, one flushed write per piece (play_script)
     script_type: str = "text/event-stream"
+    cache_write_tokens: int = 0  # Anthropic: 5-minute cache writes
+    cache_write_1h_tokens: int = 0  # Anthropic: 1-hour cache writes
+    web_searches: int = 0  # Anthropic: server_tool_use.web_search_requests
+    anthropic_delta_input: bool = True  # message_delta repeats the input and cache counts (the current API does)
+    anthropic_error_after: int | None = None  # send an `error` event after this many events instead of finishing
     requests: list = field(default_factory=list)
     models_fetches: int = 0
 
@@ -270,6 +276,7 @@ def make_fake_app(state: FakeState) -> tornado.web.Application:
     """Routes for /v1/... of OpenAI and /api/v1/... of OpenRouter."""
     routes = [(pattern, ScriptedGemini if handler is GeminiHandler else handler, deps)
               for pattern, handler, deps in gemini_routes(state)]  # /v1beta/...; the OpenAI catch-all /.* must stay last
+    routes += anthropic_routes(state)  # /anthropic-api/v1/...
     for provider, prefix in (("openrouter", "/api"), ("openai", "")):  # longer prefix first
         deps = {"state": state, "provider": provider}
         routes += [
