@@ -6,9 +6,12 @@ loopback port. The app page is the README's developer-guide snippet with only it
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+from pathlib import Path
 
 import orjson
+import pytest
 import tornado.httpserver
 import tornado.testing
 import tornado.web
@@ -18,9 +21,16 @@ from aipipe.gateway import Gateway
 from aipipe.server import make_app
 from aipipe.storage import open_store
 
-from .conftest import ENV, base_config
-from .fake_google import CLIENT_ID, make_certs_app
+from .conftest import ENV, base_config, token
+from .fake_google import CLIENT_ID, credential, make_certs_app
 from .fake_upstream import FakeState, make_fake_app
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+# Anything but loopback; the Google script is answered by gis_stub, everything else refused
+NOT_LOOPBACK = re.compile(r"^https?://(?!(127\.0\.0\.1|localhost)[:/]).*")
 
 # Verbatim from the original AI Pipe README's Developer Guide (https://github.com/sanand0/aipipe)
 README_SNIPPET = """<script type="module">
@@ -62,15 +72,19 @@ window.google = { accounts: { id: {
 
 
 class AppPage(tornado.web.RequestHandler):
-    """Any path: the README snippet (or a blank page at /blank.html), recording every URL asked for."""
+    """Any path: the README snippet (or a blank page at /blank.html, or a page a test put in `pages` for its
+    path), recording every URL asked for."""
 
-    def initialize(self, html: str, seen: list) -> None:
-        self.html, self.seen = html, seen
+    def initialize(self, html: str, seen: list, pages: dict) -> None:
+        self.html, self.seen, self.pages = html, seen, pages
 
     def get(self) -> None:
         self.seen.append(self.request.uri)
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.finish("<!doctype html><title>blank</title>" if self.request.path == "/blank.html" else self.html)
+        if self.request.path in self.pages:
+            self.finish(self.pages[self.request.path])
+        else:
+            self.finish("<!doctype html><title>blank</title>" if self.request.path == "/blank.html" else self.html)
 
 
 # A script that reads AI Pipe's stored token from whatever origin it runs on and reports it to the app server
@@ -109,6 +123,7 @@ class LiveServers:
         self.fake = FakeState()
         self.google = {"fetches": 0}
         self.app_requests: list[str] = []
+        self.app_pages: dict[str, str] = {}  # path -> the HTML the app server answers there
         self.reports: list[str] = []  # what HOSTILE_SCRIPT managed to send
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -137,7 +152,7 @@ class LiveServers:
         html = README_SNIPPET.replace("https://aipipe.org", self.url)
         app_port = self._listen(tornado.web.Application([
             (r"/(?:hostile/)?(html|plain|untyped|report)", HostilePage, {"reports": self.reports}),
-            (r"/.*", AppPage, {"html": html, "seen": self.app_requests})]))
+            (r"/.*", AppPage, {"html": html, "seen": self.app_requests, "pages": self.app_pages})]))
         self.app_port = app_port
 
     async def _stop(self) -> None:
@@ -179,3 +194,70 @@ class LiveServers:
     def app_url(self, host: str, path: str) -> str:
         """A URL of the third-party app, on 127.0.0.1 (needs consent) or localhost (allow-listed)."""
         return f"http://{host}:{self.app_port}{path}"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    with LiveServers(str(tmp_path_factory.mktemp("browser"))) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def open_page(browser, request):
+    """open_page(email, width=None) -> a page in a fresh profile whose Google button signs in as email, `width` px
+    wide if given; it collects page errors (.errors) and console errors (.console_errors); screenshots on failure."""
+    pages = []
+
+    def open_as(email: str = "user@example.com", width: int | None = None):
+        context = browser.new_context(viewport={"width": width, "height": 900} if width else None)
+        context.set_default_timeout(10_000)
+        context.route(NOT_LOOPBACK, lambda route: route.abort())
+        context.route("https://accounts.google.com/gsi/client",
+                      lambda route: route.fulfill(content_type="text/javascript", body=gis_stub(credential(email))))
+        page = context.new_page()
+        page.errors, page.console_errors = [], []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.on("console", lambda message: message.type == "error" and page.console_errors.append(message.text))
+        pages.append(page)
+        return page
+
+    failed_before = request.session.testsfailed
+    yield open_as
+    if request.session.testsfailed > failed_before:
+        for i, page in enumerate(pages):
+            screenshot(page, f"{request.node.name}-{i}")
+    for page in pages:
+        page.context.close()
+
+
+def screenshot(page, name: str) -> Path:
+    """Save the whole page as test-output/<name>.png."""
+    OUTPUT.mkdir(exist_ok=True)
+    path = OUTPUT / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def signed_in(page, live, email: str, tok: str | None = None) -> None:
+    """Store a token for email in the gateway origin's localStorage, as /login would."""
+    page.goto(live.url + "/static/app.css")
+    page.evaluate("([t, e]) => localStorage.setItem('aipipe', JSON.stringify({token: t, email: e}))",
+                  [tok or token(email), email])
+
+
+def wait_for(page, predicate, tries: int = 200) -> None:
+    """Poll predicate every 50 ms of the page's own clock (which lets Playwright deliver its events), `tries` times."""
+    for _ in range(tries):
+        if predicate():
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError("timed out waiting")

@@ -2,80 +2,23 @@
 from __future__ import annotations
 
 import os
-import re
-import time
 from datetime import datetime, timezone
-from pathlib import Path
 from urllib.parse import quote
 
 import jwt
 import pytest
 
-from .browser_support import HOSTILE_SCRIPT, LiveServers, gis_stub
+from .browser_support import CHROMIUM, HOSTILE_SCRIPT, browser, live, open_page, signed_in, wait_for  # noqa: F401
 from .conftest import SECRET, token
-from .fake_google import credential
 from .fake_upstream import REPLY
 
 pytestmark = pytest.mark.browser
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 # What the fake upstream streams: REPLY cut into 5 interleaved pieces, sent in order
 STREAMED = "".join(REPLY[i::5] for i in range(5))
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)", allow_module_level=True)
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    with LiveServers(str(tmp_path_factory.mktemp("browser"))) as servers:
-        yield servers
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def open_page(browser, request):
-    """open_page(email) -> a page in a fresh profile whose Google button signs in as email; screenshots on failure."""
-    pages = []
-
-    def open_as(email: str = "user@example.com"):
-        context = browser.new_context()
-        context.set_default_timeout(10_000)
-        # Nothing but loopback may be reached; Google's script is replaced by a stub that signs in as `email`
-        context.route(re.compile(r"^https?://(?!(127\.0\.0\.1|localhost)[:/]).*"), lambda route: route.abort())
-        context.route("https://accounts.google.com/gsi/client",
-                      lambda route: route.fulfill(content_type="text/javascript", body=gis_stub(credential(email))))
-        page = context.new_page()
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        pages.append(page)
-        return page
-
-    failed_before = request.session.testsfailed
-    yield open_as
-    if request.session.testsfailed > failed_before:
-        OUTPUT.mkdir(exist_ok=True)
-        for i, page in enumerate(pages):
-            page.screenshot(path=str(OUTPUT / f"{request.node.name}-{i}.png"), full_page=True)
-    for page in pages:
-        page.context.close()
-
-
-def signed_in(page, live, email: str, tok: str | None = None) -> None:
-    """Store a token for email in the gateway origin's localStorage, as /login would."""
-    page.goto(live.url + "/static/app.css")
-    page.evaluate("([t, e]) => localStorage.setItem('aipipe', JSON.stringify({token: t, email: e}))",
-                  [tok or token(email), email])
+from playwright.sync_api import expect  # noqa: E402
 
 
 def logged_replies(page) -> list:
@@ -89,16 +32,6 @@ def logged_replies(page) -> list:
                 replies.append(value)
     page.on("console", on_console)
     return replies
-
-
-def wait_for(page, predicate, timeout: float = 10.0):
-    """Poll predicate while letting Playwright deliver the page's events."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        page.wait_for_timeout(50)
-    raise AssertionError("timed out waiting")
 
 
 def spent(live, email: str) -> float:
@@ -193,23 +126,25 @@ def test_playground_sends_signed_out_visitor_to_login_and_streams_the_answer(liv
     page.wait_for_url(live.url + "/login?redirect=**")
     page.click("#fake-google-signin")
     expect(page).to_have_url(live.url + "/playground?from=test")  # same origin: no consent
+    page.select_option("#provider", "openrouter")
     expect(page.locator("#model")).to_have_value("openai/gpt-4o-mini")
-    expect(page.locator("#model option")).to_have_count(3)
+    expect(page.locator("#models-openrouter option")).to_have_count(3)  # OpenRouter's live list, rendered by the server
     page.fill("#prompt", "Say hello")
     page.evaluate("""() => {
         window.snapshots = [];
-        new MutationObserver(() => snapshots.push(document.getElementById('answer').textContent))
-            .observe(document.getElementById('answer'), {childList: true, characterData: true, subtree: true});
+        const log = document.getElementById('conversation');
+        new MutationObserver(() => snapshots.push(log.querySelector('.assistant .text')?.textContent))
+            .observe(log, {childList: true, characterData: true, subtree: true});
     }""")
     live.fake.event_delay = 0.1
     try:
         page.click("#send")
-        expect(page.locator("#answer")).to_have_text(STREAMED)
+        expect(page.locator(".turn.assistant .text")).to_have_text(STREAMED)
     finally:
         live.fake.event_delay = 0.0
     snapshots = [s for s in page.evaluate("snapshots") if s]
     assert len(snapshots) >= 4 and snapshots[0] == REPLY[0::5] and snapshots[-1] == STREAMED  # arrived piece by piece
-    expect(page.locator("#cost")).to_have_text("This request cost $0.000123.")
+    expect(page.locator(".turn.assistant .cost")).to_have_text("Cost $0.000123")
     expect(page.locator("#usage")).to_have_text("Used $0.000123 of $1.00 in 7 days; $0.999877 left.")
     assert live.fake.requests[-1]["path"] == "/api/v1/chat/completions"
     assert page.errors == []
@@ -256,12 +191,18 @@ def test_errors_read_as_sentences(live, open_page):
     expect(page.locator("#alert")).to_contain_text("Your sign-in has expired")
     expect(page.locator("#alert a")).to_have_text("Sign in again")
 
-    signed_in(page, live, "blocked@example.com")  # a zero budget refuses even the model list
+    signed_in(page, live, "blocked@example.com")  # a zero budget refuses every call
     page.goto(live.url + "/playground")
+    page.select_option("#provider", "openrouter")
+    page.fill("#prompt", "hi")
+    page.click("#send")
     expect(page.locator("#alert")).to_contain_text("Limit reached: Usage $0")
+    expect(page.locator("#prompt")).to_have_value("hi")  # nothing was sent: the message is back to try again
+    expect(page.locator(".turn")).to_have_count(0)
 
     signed_in(page, live, "poor@example.com")  # $0.0001 a day: less than the most a call could cost
     page.goto(live.url + "/playground")
+    page.select_option("#provider", "openrouter")
     expect(page.locator("#model")).to_have_value("openai/gpt-4o-mini")
     page.fill("#prompt", "hi")
     page.click("#send")
@@ -270,6 +211,7 @@ def test_errors_read_as_sentences(live, open_page):
 
     signed_in(page, live, "unlucky@example.com")
     page.goto(live.url + "/playground")
+    page.select_option("#provider", "openrouter")
     expect(page.locator("#model")).to_have_value("openai/gpt-4o-mini")
     page.fill("#prompt", "hi")
     live.fake.status = 503

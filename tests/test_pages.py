@@ -9,6 +9,7 @@ from urllib.parse import quote
 import orjson
 import pytest
 
+from aipipe.handlers.pages import per_million
 from aipipe.handlers.redirects import RedirectError, check_redirect, redirect_from_query
 
 from .fake_google import CLIENT_ID
@@ -18,8 +19,11 @@ OWN = "http://127.0.0.1:8787"
 
 
 @pytest.fixture
-def gateway(io_loop, make_gateway):
-    return io_loop.run_sync(lambda: make_gateway(auth={"google_client_id": CLIENT_ID, "redirect_origins": ALLOWED}))
+def gateway(io_loop, make_gateway, request):
+    """The gateway the pages are served from; parametrise it indirectly with more of make_gateway's arguments."""
+    more = getattr(request, "param", {})
+    return io_loop.run_sync(lambda: make_gateway(auth={"google_client_id": CLIENT_ID, "redirect_origins": ALLOWED},
+                                                 **more))
 
 
 def login_data(response) -> dict:
@@ -186,6 +190,64 @@ async def test_pages_render_with_csp(call, path, marker):
     assert response.code == 200 and marker in response.body.decode()
     csp = response.headers["Content-Security-Policy"]
     assert "script-src 'self';" in csp and "accounts.google.com" not in csp
+
+
+def route_rows(page: str) -> list[str]:
+    """The data-route of each row of the home page's route list."""
+    return re.findall(r'<div data-route="([^"]+)">', page)
+
+
+def datalist(page: str, route: str) -> dict[str, str]:
+    """The playground's model list for a provider route: model -> its price label."""
+    block = re.search(rf'<datalist id="models-{route}">(.*?)</datalist>', page, re.S).group(1)
+    return dict(re.findall(r'<option value="([^"]+)" label="([^"]+)">', block))
+
+
+@pytest.mark.gen_test
+async def test_home_lists_every_configured_provider_and_route(call):
+    page = (await call("/")).body.decode()
+    assert route_rows(page) == ["openai", "openrouter", "geminiv1beta", "anthropic", "similarity", "proxy"]
+    assert "Anthropic&#39;s Messages API" in page  # what each provider's module says it offers
+    said = " ".join(page.split())
+    assert ("(<code>/geminiv1beta/</code> also takes <code>x-goog-api-key</code>; "
+            "<code>/anthropic/</code> also takes <code>x-api-key</code>)") in said
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("gateway", [{"env": {"ANTHROPIC_API_KEY": "", "OPENAI_API_KEY": ""},
+                                      "proxy": {"enabled": False}}], indirect=True)
+async def test_home_and_playground_leave_out_what_is_not_configured(gateway, call):
+    home = (await call("/")).body.decode()
+    assert route_rows(home) == ["openrouter", "geminiv1beta"]  # /similarity needs OpenAI; /proxy is off
+    playground = (await call("/playground")).body.decode()
+    assert re.findall(r'<option value="([^"]+)" data-format', playground) == ["openrouter", "geminiv1beta"]
+
+
+@pytest.mark.gen_test
+async def test_playground_offers_each_providers_priced_chat_models(call):
+    response = await call("/playground")
+    page = response.body.decode()
+    assert response.code == 200
+    assert re.findall(r'<option value="([^"]+)" data-format="([^"]+)" data-start="([^"]+)">', page) == [
+        ("openai", "openai", "gpt-4o-mini"), ("openrouter", "openrouter", "openai/gpt-4o-mini"),
+        ("geminiv1beta", "gemini", "gemini-2.5-flash"), ("anthropic", "anthropic", "claude-haiku-4-5")]
+    openai = datalist(page, "openai")
+    assert openai["gpt-4o-mini"] == "$0.15 in, $0.60 out per 1M tokens"
+    assert not {"text-embedding-3-small", "whisper-1", "tts-1", "gpt-4o-mini-tts", "dall-e-3", "gpt-image-1",
+                "omni-moderation-latest", "gpt-4o-transcribe"} & set(openai)
+    gemini = datalist(page, "geminiv1beta")
+    assert "gemini-2.5-pro" in gemini and not any("embedding" in m or ">" in m for m in gemini)
+    assert datalist(page, "openrouter") == {  # OpenRouter's live list, as the fake lists it
+        "openai/gpt-4o-mini": "$0.15 in, $0.60 out per 1M tokens",
+        "anthropic/claude-sonnet-4": "$3.00 in, $15.00 out per 1M tokens",
+        "meta-llama/llama-3.3-70b-instruct:free": "free"}
+    assert "claude-haiku-4-5" in datalist(page, "anthropic")
+    assert (await call("/playground", "HEAD")).code == 200
+
+
+def test_prices_read_the_way_people_write_them():
+    assert [per_million(v) for v in (0.15, 2.5, 0.075, 15, 0.0375, 0)] == [
+        "$0.15", "$2.50", "$0.075", "$15.00", "$0.0375", "$0.00"]
 
 
 @pytest.mark.gen_test

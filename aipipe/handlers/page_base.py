@@ -71,8 +71,8 @@ class PageHandler(tornado.web.RequestHandler):
     def get(self, *args: Any) -> None:
         self.render_template(self.template)
 
-    def head(self, *args: Any) -> None:
-        self.get(*args)  # whatever get a subclass defines
+    def head(self, *args: Any) -> Any:
+        return self.get(*args)  # whatever get a subclass defines (a coroutine, when it is async)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Errors on pages are pages, with the same safe message an API error would carry."""

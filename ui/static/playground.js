@@ -1,107 +1,360 @@
-// /playground: pick a model, send a prompt, watch the answer stream in, then see what it cost.
-import { api, clearError, requireProfile, send, showError, usageLine, usd } from "/static/app.js";
+// /playground: a conversation with any configured provider, streamed and stoppable, each answer with its cost,
+// and the request it makes as code to paste.
+import { api, clearError, copyButton, requireProfile, send, showError, usageLine, usd } from "/static/app.js";
 
 const $ = (id) => document.getElementById(id);
-const PREFERRED = ["openai/gpt-4o-mini", "gpt-4o-mini", "gpt-4.1-nano"];
-const NOT_CHAT = /embedding|tts|whisper|dall-e|moderation|image|audio|realtime|transcribe|search/;
+const BASE = document.body.dataset.baseUrl;
+const SAVED = "aipipe-playground"; // localStorage: the last provider, each provider's model, system prompt, settings
+const SETTLE_TRIES = 20; // /usage polls (about 15 s in all) while a call's charge is still being written
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-function option(value, label = value) {
-  const el = document.createElement("option");
-  el.value = value;
-  el.textContent = label;
-  return el;
+const geminiText = (b) => (b.candidates?.[0]?.content?.parts || []).filter((p) => !p.thought).map((p) => p.text || "").join("");
+
+// What each provider's chat API looks like: where a chat goes, how its token and body are sent, where the text is.
+const OPENAI = {
+  path: (s) => `/${s.route}/v1/chat/completions`,
+  tokenHeader: "Authorization",
+  headers: {},
+  maxField: "max_completion_tokens", // OpenAI's reasoning models refuse max_tokens
+  body(s, messages, stream) {
+    const body = { model: s.model, messages: s.system ? [{ role: "system", content: s.system }, ...messages] : messages };
+    body[this.maxField] = s.maxTokens;
+    if (s.temperature !== null) body.temperature = s.temperature;
+    if (stream) body.stream = true;
+    return body;
+  },
+  delta: (e) => e.choices?.[0]?.delta?.content,
+  whole: (b) => b.choices?.[0]?.message?.content,
+  error: (e) => e.error,
+  answerPath: ".choices[0].message.content",
+};
+const FORMATS = {
+  openai: OPENAI,
+  openrouter: { ...OPENAI, maxField: "max_tokens" },
+  gemini: {
+    path: (s, stream) => `/${s.route}/models/${s.model.replace(/^models\//, "")}:${stream ? "streamGenerateContent?alt=sse" : "generateContent"}`,
+    tokenHeader: "x-goog-api-key",
+    headers: {},
+    body(s, messages) {
+      const body = { contents: messages.map((m) => ({ role: m.role === "assistant" ? "model" : "user", parts: [{ text: m.content }] })) };
+      if (s.system) body.systemInstruction = { parts: [{ text: s.system }] };
+      body.generationConfig = { maxOutputTokens: s.maxTokens };
+      if (s.temperature !== null) body.generationConfig.temperature = s.temperature;
+      return body;
+    },
+    delta: geminiText,
+    whole: geminiText,
+    error: (e) => e.error,
+    answerPath: ".candidates[0].content.parts[0].text",
+  },
+  anthropic: {
+    path: (s) => `/${s.route}/v1/messages`,
+    tokenHeader: "x-api-key",
+    headers: { "anthropic-version": "2023-06-01" },
+    body(s, messages, stream) {
+      const body = { model: s.model, max_tokens: s.maxTokens };
+      if (s.system) body.system = s.system;
+      body.messages = messages;
+      if (s.temperature !== null) body.temperature = s.temperature;
+      if (stream) body.stream = true;
+      return body;
+    },
+    delta: (e) => (e.type === "content_block_delta" ? e.delta?.text : ""),
+    whole: (b) => (b.content || []).map((c) => c.text || "").join(""),
+    error: (e) => (e.type === "error" ? e.error || {} : null),
+    answerPath: ".content[0].text",
+  },
+};
+
+let history = []; // the finished turns, [{role, content}], sent again with each new message
+let running = null; // the AbortController of the answer streaming now
+let settling = Promise.resolve(); // the last answer's cost report: the next one measures from where it ends
+let chat = 0; // counts "New chat"s, so an answer stopped by one does not bring its conversation back
+
+function settings() {
+  const option = $("provider").selectedOptions[0];
+  const temperature = $("temperature").value.trim();
+  return {
+    route: option?.value ?? "", format: option?.dataset.format ?? "openai", model: $("model").value.trim(),
+    system: $("system").value.trim(), temperature: temperature === "" ? null : Number(temperature),
+    maxTokens: Math.max(1, Math.round(Number($("max-tokens").value))) || 1024,
+  };
 }
 
-async function loadModels(token, provider) {
-  const select = $("model");
-  select.replaceChildren(option("", "Loading models…"));
+function loadSaved() {
   try {
-    const { data } = await api(`/${provider}/v1/models`, { token });
-    const ids = data.map((m) => m.id).filter((id) => provider !== "openai" || !NOT_CHAT.test(id)).sort();
-    select.replaceChildren(...ids.map((id) => option(id)));
-    select.value = PREFERRED.find((id) => ids.includes(id)) ?? ids[0] ?? "";
-  } catch (error) {
-    select.replaceChildren(option("", "No models available"));
-    if (provider === "openrouter") {
-      $("provider").value = "openai"; // OpenRouter may not be configured here: offer OpenAI's list instead
-      return loadModels(token, "openai");
-    }
-    showError(error);
+    return JSON.parse(localStorage.getItem(SAVED) || "{}") || {};
+  } catch {
+    return {};
   }
 }
 
-/** Read an OpenAI-style server-sent event stream, calling onText with each piece of content. */
-async function readStream(response, onText) {
-  if (!(response.headers.get("Content-Type") || "").includes("event-stream")) {
-    const body = await response.json();
-    return onText(body.choices?.[0]?.message?.content ?? "");
+function save(s) {
+  const saved = loadSaved();
+  const models = { ...(saved.models || {}), [s.route]: s.model };
+  try {
+    localStorage.setItem(SAVED, JSON.stringify({ route: s.route, models, system: s.system, temperature: s.temperature, maxTokens: s.maxTokens }));
+  } catch {
+    // storage disabled: the page still works, it just starts afresh next time
   }
+}
+
+/** Point the model box at the chosen provider's list, with its last-used (or starter) model in it. */
+function useProvider(saved = loadSaved()) {
+  const option = $("provider").selectedOptions[0];
+  if (!option) return;
+  $("model").setAttribute("list", `models-${option.value}`);
+  $("model").value = saved.models?.[option.value] ?? option.dataset.start;
+}
+
+function restore() {
+  const saved = loadSaved();
+  if ([...$("provider").options].some((o) => o.value === saved.route)) $("provider").value = saved.route;
+  useProvider(saved);
+  if (saved.system) $("system").value = saved.system;
+  if (saved.temperature !== null && saved.temperature !== undefined) $("temperature").value = saved.temperature;
+  if (saved.maxTokens) $("max-tokens").value = saved.maxTokens;
+}
+
+function addTurn(kind, speaker, text = "") {
+  const turn = document.createElement("div");
+  turn.className = `turn ${kind}`;
+  const who = document.createElement("p");
+  who.className = "speaker";
+  who.textContent = speaker;
+  const body = document.createElement("div");
+  body.className = "text";
+  body.textContent = text;
+  turn.append(who, body);
+  $("conversation").append(turn);
+  return { turn, body };
+}
+
+function setCost(turn, text) {
+  let line = turn.querySelector(".cost");
+  if (!line) {
+    line = document.createElement("p");
+    line.className = "cost";
+    turn.append(line);
+  }
+  line.textContent = text;
+}
+
+/** Each data payload of a server-sent event stream, as JSON (named events carry their name in `type` too). */
+async function* sseEvents(response) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) break;
+    if (done) return;
     buffer = (buffer + value).replace(/\r\n/g, "\n");
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const data = buffer
-        .slice(0, cut)
-        .split("\n")
-        .filter((line) => line.startsWith("data:"))
-        .map((line) => line.slice(5).trim())
-        .join("\n");
+      const lines = buffer.slice(0, cut).split("\n").filter((line) => line.startsWith("data:"));
       buffer = buffer.slice(cut + 2);
-      if (!data || data === "[DONE]") continue;
-      const event = JSON.parse(data);
-      if (event.error) throw new Error(event.error.message || "the provider broke off the answer");
-      const text = event.choices?.[0]?.delta?.content;
-      if (text) onText(text);
+      const data = lines.map((line) => line.slice(5).trimStart()).join("\n");
+      if (data && data !== "[DONE]") yield JSON.parse(data);
     }
   }
 }
 
-/** Wait until this request's hold is settled, then report what it cost and the running usage. */
-async function reportCost(token, before) {
-  let after;
-  for (let i = 0; i < 30; i++) {
-    after = await api("/usage", { token });
-    if (after.held <= before.held + 1e-12) break;
-    await new Promise((resolve) => setTimeout(resolve, 150));
+/** Read an answer (a stream, or JSON when the provider sent one), calling onText with each piece of text. */
+async function readAnswer(response, format, onText) {
+  if (!(response.headers.get("Content-Type") || "").includes("event-stream")) {
+    return onText(format.whole(await response.json()) ?? "");
   }
-  $("cost").textContent = `This request cost ${usd(Math.max(0, after.spent - before.spent))}.`;
-  $("usage").textContent = usageLine(after);
+  for await (const event of sseEvents(response)) {
+    const problem = format.error(event);
+    if (problem) throw new Error(problem.message || "the provider broke off the answer");
+    const text = format.delta(event);
+    if (text) onText(text);
+  }
+}
+
+/** What the call cost: its X-AIPipe-Cost when it has one, else the growth in spend once its hold is released
+ * (the server writes a stream's charge when the provider's answer ends, even after the page stopped reading). */
+async function costOf(token, before, response) {
+  const header = response?.headers.get("X-AIPipe-Cost");
+  for (let i = 0; i < SETTLE_TRIES; i++) {
+    const after = await api("/usage", { token });
+    if (header || after.held <= before.held + 1e-12) {
+      $("usage").textContent = usageLine(after);
+      return header ? Number(header) : Math.max(0, after.spent - before.spent);
+    }
+    await sleep(Math.min(1000, 100 * (i + 1)));
+  }
+  return null;
+}
+
+function setRunning(controller) {
+  running = controller;
+  $("send").disabled = Boolean(controller);
+  $("stop").classList.toggle("hidden", !controller);
+  $("conversation").setAttribute("aria-busy", String(Boolean(controller))); // read the answer out once it is whole
 }
 
 async function ask(token) {
   clearError();
-  const answer = $("answer");
-  answer.textContent = "";
-  $("cost").textContent = "";
-  $("send").disabled = true;
+  const s = settings();
+  const format = FORMATS[s.format];
+  const prompt = $("prompt").value;
+  const messages = [...history, { role: "user", content: prompt }];
+  const asked = addTurn("user", "You", prompt);
+  const answer = addTurn("assistant", s.model);
+  answer.turn.classList.add("streaming");
+  $("prompt").value = "";
+  const controller = new AbortController();
+  const thisChat = chat;
+  setRunning(controller);
+  save(s);
+  let text = "", response = null, before = null, sent = false, outcome = "done";
   try {
-    const before = await api("/usage", { token });
-    $("usage").textContent = usageLine(before);
-    const provider = $("provider").value;
-    const response = await send(`/${provider}/v1/chat/completions`, {
-      token,
-      method: "POST",
-      body: { model: $("model").value, stream: true, messages: [{ role: "user", content: $("prompt").value }] },
+    await settling;
+    before = await api("/usage", { token });
+    if (controller.signal.aborted) throw new DOMException("Stopped before sending", "AbortError");
+    sent = true;
+    response = await send(format.path(s, true), {
+      token, method: "POST", signal: controller.signal, headers: format.headers, body: format.body(s, messages, true),
     });
-    await readStream(response, (text) => answer.append(text));
-    await reportCost(token, before);
+    await readAnswer(response, format, (piece) => {
+      text += piece;
+      answer.body.append(piece);
+    });
   } catch (error) {
-    showError(error);
+    outcome = error.name === "AbortError" ? "stopped" : "failed";
+    if (outcome === "failed") showError(error);
   } finally {
-    $("send").disabled = false;
+    answer.turn.classList.remove("streaming");
+    setRunning(null);
+  }
+  if (!response && !(sent && outcome === "stopped")) {
+    // not sent, refused before it went upstream, or the server could not be reached: nothing billed, try again
+    asked.turn.remove();
+    answer.turn.remove();
+    $("prompt").value = prompt;
+    return;
+  }
+  if (text && thisChat === chat) history = [...messages, { role: "assistant", content: text }];
+  else answer.body.textContent = outcome === "stopped" ? "(stopped before any text)" : "(no text)";
+  settling = reportCost(token, before, response, answer.turn, outcome);
+  refreshCode();
+}
+
+async function reportCost(token, before, response, turn, outcome) {
+  const said = outcome === "stopped" ? "Stopped. " : "";
+  setCost(turn, `${said}Working out the cost…`);
+  try {
+    const cost = await costOf(token, before, response);
+    setCost(turn, cost === null ? `${said}The cost is not written yet: see your dashboard.` : `${said}Cost ${usd(cost)}`);
+  } catch (error) {
+    setCost(turn, `${said}Could not read the cost.`);
+    showError(error);
   }
 }
 
-const profile = requireProfile();
-if (profile) {
-  loadModels(profile.token, $("provider").value);
-  $("provider").addEventListener("change", () => loadModels(profile.token, $("provider").value));
+function newChat() {
+  chat += 1;
+  running?.abort();
+  history = [];
+  $("conversation").replaceChildren();
+  clearError();
+  refreshCode();
+  $("prompt").focus();
+}
+
+// "Show code": the next request (or the last one sent), as curl, Python or JavaScript.
+let language = "curl";
+
+function pyLiteral(value, indent = "") {
+  const inner = indent + "    ";
+  if (value === null || value === undefined) return "None";
+  if (typeof value === "boolean") return value ? "True" : "False";
+  if (typeof value !== "object") return JSON.stringify(value); // JSON strings and numbers read the same in Python
+  const items = Array.isArray(value)
+    ? value.map((v) => inner + pyLiteral(v, inner))
+    : Object.entries(value).map(([k, v]) => `${inner}${JSON.stringify(k)}: ${pyLiteral(v, inner)}`);
+  const [open, close] = Array.isArray(value) ? ["[", "]"] : ["{", "}"];
+  return items.length ? `${open}\n${items.join(",\n")},\n${indent}${close}` : open + close;
+}
+
+function python(s, format, body, token) {
+  const args = Object.entries(body).map(([k, v]) => `    ${k}=${pyLiteral(v, "    ")},`).join("\n");
+  if (s.format === "anthropic") {
+    return `import anthropic\n\nclient = anthropic.Anthropic(base_url="${BASE}/${s.route}", api_key="${token}")\n` +
+      `response = client.messages.create(\n${args}\n)\nprint(response${format.answerPath})\n`;
+  }
+  if (s.format === "gemini") {
+    const path = format.answerPath.replace(/\.(\w+)/g, '["$1"]');
+    return `import requests\n\nresponse = requests.post(\n    "${BASE}${format.path(s, false)}",\n` +
+      `    headers={"x-goog-api-key": "${token}"},\n    json=${pyLiteral(body, "    ")},\n)\n` +
+      `response.raise_for_status()\nprint(response.json()${path})\n`;
+  }
+  return `from openai import OpenAI\n\nclient = OpenAI(base_url="${BASE}/${s.route}/v1", api_key="${token}")\n` +
+    `response = client.chat.completions.create(\n${args}\n)\nprint(response${format.answerPath})\n`;
+}
+
+function curl(s, format, body, token) {
+  const auth = format.tokenHeader === "Authorization" ? `Authorization: Bearer ${token}` : `${format.tokenHeader}: ${token}`;
+  const headers = [auth, "Content-Type: application/json", ...Object.entries(format.headers).map(([k, v]) => `${k}: ${v}`)];
+  const json = JSON.stringify(body, null, 2).replace(/'/g, `'\\''`);
+  return `curl "${BASE}${format.path(s, false)}" \\\n${headers.map((h) => `  -H "${h}" \\\n`).join("")}  -d '${json}'\n`;
+}
+
+function javascript(s, format, body) {
+  const auth = format.tokenHeader === "Authorization" ? "Authorization: `Bearer ${token}`" : `"${format.tokenHeader}": token`;
+  const headers = [auth, '"Content-Type": "application/json"', ...Object.entries(format.headers).map(([k, v]) => `"${k}": "${v}"`)];
+  const json = JSON.stringify(body, null, 2).replace(/\n/g, "\n    ");
+  return `<script type="module">\n  import { getProfile } from "${BASE}/aipipe.js";\n\n` +
+    "  const { token } = getProfile();\n" +
+    `  if (!token) window.location = \`${BASE}/login?redirect=\${window.location.href}\`;\n\n` +
+    `  const response = await fetch("${BASE}${format.path(s, false)}", {\n    method: "POST",\n` +
+    `    headers: { ${headers.join(", ")} },\n    body: JSON.stringify(${json}),\n  }).then((r) => r.json());\n` +
+    `  console.log(response${format.answerPath});\n</script>\n`;
+}
+
+function refreshCode() {
+  if (!$("code-box").open) return;
+  const s = settings();
+  const format = FORMATS[s.format];
+  const prompt = $("prompt").value.trim();
+  let messages = prompt ? [...history, { role: "user", content: prompt }] : history.slice(0, -1);
+  if (!messages.length) messages = [{ role: "user", content: "Hello!" }];
+  const body = format.body(s, messages, false);
+  const { token } = profile;
+  $("code").textContent = { curl, python, js: javascript }[language](s, format, body, token);
+}
+
+function setUp() {
+  $("more-settings").open = matchMedia("(min-width: 900px)").matches;
+  restore();
+  $("provider").addEventListener("change", () => {
+    useProvider();
+    refreshCode();
+  });
   $("chat-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    ask(profile.token);
+    if (!running) ask(profile.token);
   });
+  $("chat-form").addEventListener("input", refreshCode);
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("chat-form").requestSubmit();
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && running) running.abort();
+  });
+  $("stop").addEventListener("click", () => running?.abort());
+  $("new-chat").addEventListener("click", newChat);
+  $("code-box").addEventListener("toggle", refreshCode);
+  for (const button of document.querySelectorAll("[data-lang]")) {
+    button.addEventListener("click", () => {
+      language = button.dataset.lang;
+      for (const other of document.querySelectorAll("[data-lang]")) other.setAttribute("aria-pressed", String(other === button));
+      refreshCode();
+    });
+  }
+  copyButton($("copy-code"), () => $("code").textContent);
+  api("/usage", { token: profile.token }).then((u) => ($("usage").textContent = usageLine(u)), showError);
 }
+
+const profile = requireProfile();
+if (profile) setUp();
