@@ -9,21 +9,19 @@ import logging
 import time
 from datetime import date
 
-from tornado.httpclient import AsyncHTTPClient
-
 from .auth import AuthError, Identity, TokenVerifier, is_native_key, token_from_headers
 from .books import Books
 from .budget import model_allowed, over_budget_message, today_utc, utc_date, window_start
 from .config import Budget, Config
 from .errors import ApiError
-from .ledger import Ledger
+from .admission import choose_admission
 from .metrics import Metrics
 from .pricing import PriceTable
 from .providers import TOKEN_HEADERS
 from .providers.base import Call
 from .providers.openrouter import ModelCatalog
 from .rules import BudgetRules
-from .storage import Decision, Charge, HoldRequest, Store, StoreUnavailable
+from .storage import Charge, Decision, HoldRequest, Store, StoreUnavailable
 from .upstream import Upstream
 
 log = logging.getLogger("aipipe")
@@ -44,15 +42,15 @@ class Gateway:
     def __init__(self, config: Config, store: Store, prices: PriceTable | None = None, spool_dir: str | None = None,
                  processes: int = 1):
         self.store = store
-        # budgets in memory when this process is the only one using an SQLite file (see aipipe/books.py)
-        in_memory = config.get("storage.admission") == "auto" and processes == 1 and store.single_file
         self.metrics = Metrics()
-        self.ledger = Ledger(store, spool_dir=spool_dir, books=Books() if in_memory else None, metrics=self.metrics)
-        self.upstream = Upstream()  # provider calls
-        self.http = AsyncHTTPClient(force_instance=True)  # Google's keys, OpenRouter's model list
+        # budgets in memory when this process is the only one using an SQLite file, else in the store
+        self.ledger, self.admission = choose_admission(config.get("storage.admission"), store, processes, spool_dir,
+                                                       self.metrics)
+        self.upstream = Upstream()  # every outside call: providers, Google's keys, OpenRouter's model list
         self._tasks: list[asyncio.Task] = []
         self._health: tuple[float, str | None] = (float("-inf"), None)  # (when checked, what was wrong)
-        self.rules = BudgetRules(config, store, watch=not in_memory)  # the file's budgets and the store's
+        # the file's budgets and the store's
+        self.rules = BudgetRules(config, store, watch=not self.admission.in_memory)
         self._use(config, prices or PriceTable.shipped())
 
     def _use(self, config: Config, prices: PriceTable) -> None:
@@ -78,55 +76,30 @@ class Gateway:
     @property
     def books(self) -> Books | None:
         """The in-memory budgets, when admission happens in memory."""
-        return self.ledger.books
+        return self.admission.books
 
     async def start(self) -> None:
-        """Claim the store, then start background work: the ledger writer and hold pruning."""
-        self.store.claim(exclusive=self.books is not None)
+        """Claim the store, then start background work: the ledger writer, admission's upkeep."""
+        self.store.claim(exclusive=self.admission.in_memory)
         await self.rules.load()
         self.ledger.start()
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._prune_forever()))
+        await self.admission.start()
         if self.metrics.multiprocess:  # other workers answer scrapes too: they read what this one flushed
-            self._tasks.append(loop.create_task(self._flush_metrics_forever()))
-        if self.books is not None:
-            await self.store.changed_elsewhere()  # the baseline later checks compare with
-            self._tasks.append(loop.create_task(self._watch_store()))
+            self._tasks.append(asyncio.get_running_loop().create_task(self._flush_metrics_forever()))
 
     async def close(self) -> None:
         """Write pending charges and stop background work."""
         for task in self._tasks:
             task.cancel()
         await self.ledger.close()
+        await self.admission.close()
         self.metrics.flush()
-        self.http.close()
         await self.upstream.close()
 
     async def _flush_metrics_forever(self, every: float = 1.0) -> None:
         while True:
             await asyncio.sleep(every)
             self.metrics.flush()
-
-    async def _prune_forever(self, every: float = 60.0) -> None:
-        while True:
-            await asyncio.sleep(every)
-            if self.books is not None:
-                self.books.prune(time.time())
-                continue
-            try:
-                await self.store.prune(time.time())
-            except Exception as e:
-                log.warning("pruning holds failed: %s", e)
-
-    async def _watch_store(self, every: float = 1.0) -> None:
-        """Memory mode: when another program (`aipipe set-cost`, say) wrote the file, re-read spend."""
-        while True:
-            await asyncio.sleep(every)
-            try:
-                if await self.store.changed_elsewhere():
-                    self.books.forget_spend()
-            except Exception as e:
-                log.warning("checking the store for outside writes failed: %s", e)
 
     async def health(self) -> str | None:
         """None while the store answers and charges are being written, else what is wrong (checked at most once a
@@ -146,16 +119,13 @@ class Gateway:
 
     async def held(self, email: str) -> float:
         """USD held right now by email's requests in flight."""
-        if self.books is not None:
-            return self.books.held(email, time.time())
-        return await self.store.open_holds(email, time.time())
+        return await self.admission.held(email, time.time())
 
     async def set_cost(self, email: str, day, cost: float) -> None:
         """Overwrite one day's total (an admin correction) and make admission see it."""
         await self.ledger.flush()  # charges already made are part of what the new total replaces
         await self.store.set_cost(email, day, cost, time.time())
-        if self.books is not None:
-            self.books.forget_spend(email)
+        self.admission.forget_spend(email)
 
     def identify(self, headers, allow_native: bool = True, token_headers: tuple[str, ...] = TOKEN_HEADERS) -> Identity:
         """Who sent the request, by the token in the first of `token_headers` that has one; 401 for missing or bad
@@ -191,31 +161,34 @@ class Gateway:
         """OpenRouter's model price list (created on first use)."""
         if self._catalog is None:
             c = self.config
-            self._catalog = ModelCatalog(c.providers["openrouter"].base_url + "/v1/models", self.http,
+            self._catalog = ModelCatalog(c.providers["openrouter"].base_url + "/v1/models", self.upstream,
                                          c.get("limits.openrouter_models_ttl"), c.get("limits.openrouter_refetch_seconds"))
         return self._catalog
 
-    async def admit(self, email: str, hold: float) -> Decision:
-        """Check budget, concurrency and rate, and hold `hold` USD; 429 or 503 when refused."""
-        if self.books is None:
+    async def admit(self, email: str, hold: float, provider, model: str) -> Decision:
+        """Check the model against the user's rules, then budget, concurrency and rate, and hold `hold` USD; 403,
+        429 or 503 when refused."""
+        if not self.admission.in_memory:
             await self.rules.sync()  # a rule another process or instance set applies to this request
+        self.check_model(email, provider, model)
         budget, request = self._hold_request(email, hold)
         try:
-            admission = await self.ledger.reserve(request)
+            decision = await self.admission.decide(request)
         except StoreUnavailable as e:
             raise self._store_down(e) from None
-        return self._admitted(admission, request, budget)
+        return self._admitted(decision, request, budget)
 
-    def admit_now(self, email: str, hold: float) -> Decision | None:
+    def admit_now(self, email: str, hold: float, provider, model: str) -> Decision | None:
         """admit(), when deciding takes no wait (budgets in memory and the user's spend read); else None."""
-        if self.books is None:
+        if not self.admission.in_memory:
             return None
+        self.check_model(email, provider, model)
         budget, request = self._hold_request(email, hold)
         try:
-            admission = self.ledger.reserve_now(request)
+            decision = self.admission.decide_now(request)
         except StoreUnavailable as e:
             raise self._store_down(e) from None
-        return None if admission is None else self._admitted(admission, request, budget)
+        return None if decision is None else self._admitted(decision, request, budget)
 
     def _hold_request(self, email: str, hold: float) -> tuple[Budget, HoldRequest]:
         budget, since = self._window(email)
@@ -258,14 +231,16 @@ class Gateway:
         return known[1], known[2]
 
     def settle(self, email: str, admission: Decision, provider: str, call: Call, outcome,
-               duration_ms: float) -> asyncio.Future:
+               duration_ms: float) -> None:
         """Queue the call's charge (or just release its hold when it cost nothing)."""
         billed = call.billable and (200 <= outcome.status < 300 or outcome.cut)
         usage, now = outcome.usage, time.time()
         tokens_in, tokens_out = (usage.input_tokens, usage.output_tokens) if usage else (0, 0)
         if billed:
             self.metrics.charged(provider, outcome.cost, tokens_in, tokens_out)
-        return self.ledger.settle(Charge(  # by position, the quickest way to build one
+        charge = Charge(  # by position, the quickest way to build one
             email, utc_date(now), outcome.cost if billed else 0.0, admission.hold_id, "request" if billed else "release",
             provider, call.model, tokens_in, tokens_out,
-            outcome.status, duration_ms, outcome.streamed, outcome.aborted, now))
+            outcome.status, duration_ms, outcome.streamed, outcome.aborted, now)
+        if self.admission.settled(charge):  # not when it only released a hold kept in memory
+            self.ledger.settle(charge)

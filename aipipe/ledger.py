@@ -1,10 +1,9 @@
 """The one writer between request handlers and the store.
 
-Handlers ask to reserve budget and hand in charges; a single task drains both queues and
-turns everything that piled up into one settle transaction and one reserve transaction.
-Settlements go first, so a request that finished counts against the very next admission; while
-charges cannot be written, admissions are refused as "store unavailable" rather than judged on
-holds those charges would release.
+Calls hand in charges; a single task turns everything that piled up into one transaction. Between
+its writes it runs the admission's database work (aipipe.admission: Ledger.between_writes), so a
+call that finished counts against the very next admission, and a user's spend is never read while
+their charges are half written.
 
 Every charge gets an id when queued (a random prefix per ledger and a counter) and the store skips
 ids it already has, so writing a batch again (retried after the answer to its commit was lost, or a
@@ -17,9 +16,6 @@ spool file replayed twice) bills it once. A charge is never silently dropped:
 - at shutdown, what could not be written goes to this process's own file in the store's spool
   folder (aipipe.spool). At start a process replays every file there that no other process holds
   locked, and deletes each once its charges are committed.
-
-With `books` (a server that is the only writer of its SQLite file), admission is decided in
-memory and only a user's first request waits for the writer, which reads their spend.
 """
 from __future__ import annotations
 
@@ -29,36 +25,36 @@ import logging
 import math
 import secrets
 import time
-from datetime import date
 
-from .books import Books
-from .storage import Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable
+from .storage import Charge, RowRefused, Store, StoreUnavailable
 from .storage.base import safe_cost
 from .spool import Spool
 
 log = logging.getLogger("aipipe.ledger")
 MAX_BATCH = 512
-# memory mode: seconds charges wait to be written with the ones that follow. At 10 ms, writing them took
-# about 22 µs of CPU per call under load (SQLite's per-commit work and the hand-offs to aiosqlite's thread);
-# at 100 ms, about 12 µs (docs/performance.md). A process killed outright loses at most this much of charges.
+# With budgets in memory, seconds charges wait to be written with the ones that follow: fewer, larger
+# transactions cost less CPU per call (SQLite's per-commit work and the hand-offs to aiosqlite's thread;
+# docs/performance.md). A process killed outright loses at most this much of charges.
 LINGER = 0.1
 INF = math.inf
+
+
 class Ledger:
     """Batches reservations and settlements into few transactions."""
 
     def __init__(self, store: Store, spool_dir: str | None = None, retry_seconds: float = 1.0,
-                 books: Books | None = None, spool_path: str | None = None, metrics=None):
+                 spool_path: str | None = None, metrics=None, linger: float = 0.0):
         """spool_dir: the store's spool folder (see spool_dir()); spool_path: a single file instead, replayed and
-        written to; metrics: an aipipe.metrics.Metrics that counts store errors and spooled charges."""
+        written to; metrics: an aipipe.metrics.Metrics that counts store errors and spooled charges; linger:
+        seconds to gather charges nobody waits for into one transaction."""
         self.store = store
         self.metrics = metrics
-        self.books = books
-        self._loads: list[tuple[HoldRequest, asyncio.Future]] = []  # memory mode: users whose spend is not read yet
+        self.linger = linger
+        self._jobs: list = []  # coroutine functions to run between writes (between_writes)
         self.spool = Spool(spool_dir, spool_path, metrics)
         self.retry_seconds = retry_seconds
         self._id_prefix = secrets.token_hex(8) + "-"  # per ledger (so per process: made after any fork)
         self._next_id = itertools.count(1).__next__
-        self._reserves: list[tuple[HoldRequest, asyncio.Future]] = []
         self._settles: list[Charge] = []
         # Who waits for charges to be written: [charges queued so far when last extended, future] per group of
         # charges queued between two writes (one future per write, not per charge), oldest first.
@@ -73,7 +69,6 @@ class Ledger:
         self._closing = False
         self._closed = False  # close() has spooled what was left: later charges go to the spool directly
         self._settle_after = 0.0  # monotonic time before which a failed settle is not retried
-        self._down_until = 0.0  # admissions fail at once until then, after the store failed one
         self._settle_failing = False  # the last attempt to write charges failed
 
     def start(self) -> None:
@@ -112,27 +107,17 @@ class Ledger:
             self._start_writer()
             self._wake.set()
 
-    def reserve_now(self, request: HoldRequest) -> Decision | None:
-        """reserve()'s answer when it takes no wait (budgets in memory, the user's spend read), else None."""
-        if time.monotonic() < self._down_until:  # don't make every caller wait out a dead connection
-            raise StoreUnavailable("store was unavailable a moment ago")
-        books = self.books
-        if books is None:
-            return None
-        if self._settle_failing:  # charges are piling up unwritten: admit no more until they land
-            raise StoreUnavailable("charges could not be written")
-        return books.admit(request, time.time())  # None until the user's spend is read
-
-    async def reserve(self, request: HoldRequest) -> Decision:
-        """Admit (or refuse) one request; raises StoreUnavailable when the store is down."""
-        admission = self.reserve_now(request)
-        if admission is not None:
-            return admission
-        fut = asyncio.get_running_loop().create_future()
-        (self._reserves if self.books is None else self._loads).append((request, fut))
+    def between_writes(self, job) -> None:
+        """Run `await job()` on the writer task after it next writes the charges queued (or fails to), at once
+        rather than after the linger: nothing else reads or writes through the ledger while it runs."""
+        self._jobs.append(job)
         self._wake.set()
         self._hurry.set()
-        return await fut
+
+    @property
+    def unwritten(self) -> list[Charge]:
+        """Charges queued and not yet written (complete while a between_writes job runs)."""
+        return self._settles
 
     def settle(self, charge: Charge) -> asyncio.Future:
         """Queue a charge; the returned future resolves once it is committed (awaiting it is optional).
@@ -141,13 +126,6 @@ class Ledger:
         asyncio.shield(), or the timeout cancels it for the others too."""
         if not 0.0 <= charge.cost < INF:  # NaN, infinite or negative: a bad price must not lower anyone's spend
             charge.cost = safe_cost(charge)
-        if self.books is not None:
-            self.books.settle(charge)
-            if charge.kind == "release":  # the hold lived only in memory: nothing to write
-                fut = self._future()
-                fut.set_result(None)
-                return fut
-            charge.hold_id = None  # not a row in the store
         if not charge.charge_id:
             charge.charge_id = f"{self._id_prefix}{self._next_id()}"
         if self._closed:  # a call that ended after close() (a shutdown's last stragglers): straight to the spool
@@ -201,27 +179,27 @@ class Ledger:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            if (self.books is not None and not (self._closing or self._loads or self._hurry.is_set())
-                    and len(self._settles) < MAX_BATCH):
-                # nobody waits on these writes, so gather more into one transaction; a flush, or a user's
-                # first request, which waits for its spend to be read, cuts the wait short (or skips it)
-                timer = asyncio.get_running_loop().call_later(LINGER, self._hurry.set)
+            if self.linger and not (self._closing or self._jobs or self._hurry.is_set()) and len(self._settles) < MAX_BATCH:
+                # nobody waits on these writes, so gather more into one transaction; a flush, or a job (a user's
+                # first request, waiting for its spend to be read) cuts the wait short (or skips it)
+                timer = asyncio.get_running_loop().call_later(self.linger, self._hurry.set)
                 await self._hurry.wait()
                 timer.cancel()
             self._hurry.clear()  # only now: a hurry asked for before the linger began counts
             self._wake.clear()
             # admissions waiting: try the charges now, retry due or not, since the holds they release decide them
-            due = self._closing or bool(self._reserves) or time.monotonic() >= self._settle_after
+            due = self._closing or bool(self._jobs) or time.monotonic() >= self._settle_after
             written = await self._write_settles() if due else False
             if due:
                 self._settle_failing = not written
                 if written:  # back: the next charges need not wait for a retry that was due later
                     self._settle_after = 0.0
-            if self._reserves and self._settle_failing and self._settles:
-                self._refuse_reserves()
-            else:
-                await self._write_reserves()
-            await self._load_books()
+            jobs, self._jobs = self._jobs, []
+            for job in jobs:
+                try:
+                    await job()
+                except Exception:  # a job answers its own callers; one that failed must not stop the writer
+                    log.exception("ledger job %r failed", job)
             if self._closing and (not written or not self._settles):
                 return  # at shutdown, what the store will not take is spooled by close()
             if due and not written:  # store down: charges wait for one retry a while later, not one per request
@@ -261,57 +239,6 @@ class Ledger:
             await self._write_batch(batch[:half])
             await self._write_batch(batch[half:])
 
-    def _refuse_reserves(self) -> None:
-        """Admissions while charges cannot be written: 503, as the store would likely answer anyway."""
-        self._down_until = time.monotonic() + self.retry_seconds
-        err = StoreUnavailable("charges could not be written")
-        for _, f in self._reserves:
-            if not f.done():
-                f.set_exception(err)
-        self._reserves = []
-
-    async def _write_reserves(self) -> None:
-        while self._reserves:
-            batch, self._reserves = self._reserves[:MAX_BATCH], self._reserves[MAX_BATCH:]
-            live = [(r, f) for r, f in batch if not f.cancelled()]
-            if not live:
-                continue
-            try:
-                results = await self.store.reserve([r for r, _ in live], time.time())
-            except Exception as e:
-                err = e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e))
-                self._down_until = time.monotonic() + self.retry_seconds
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(err)
-                for hold_id, email in getattr(e, "placed", ()):  # holds of a commit whose answer was lost
-                    self.settle(Charge(email=email, day=date.today(), cost=0.0, hold_id=hold_id, kind="release"))
-                continue
-            for (_, f), admission in zip(live, results):
-                if not f.done():
-                    f.set_result(admission)
-                elif admission.hold_id is not None:  # the caller left: give the hold back
-                    self.settle(Charge(email=admission_email(live, f), day=date.today(), cost=0.0,
-                                       hold_id=admission.hold_id, kind="release"))
-
-    async def _load_books(self) -> None:
-        """Memory mode: read the spend of users seen for the first time, then admit their requests."""
-        while self._loads:
-            request, fut = self._loads.pop(0)
-            if fut.done():
-                continue
-            if not self.books.ready(request):
-                try:
-                    daily = await self.store.daily_usage(request.email, request.since)
-                except Exception as e:
-                    self._down_until = time.monotonic() + self.retry_seconds
-                    fut.set_exception(e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e)))
-                    continue
-                # no await since the read: what is still queued was not in the store when it was read
-                self.books.load(request.email, request.since, daily, self._settles)
-            if not fut.done():
-                fut.set_result(self.books.admit(request, time.time()))  # ready now: never None
-
     async def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (waiting at most timeout), spool the rest, and stop."""
         self._closing = True
@@ -330,10 +257,3 @@ class Ledger:
         self._settles = []
         self._closed = True
         self.spool.release(delete=spooled, keep=self.spool.path)  # what they still held is in our own file now
-        for _, f in self._reserves + self._loads:
-            if not f.done():
-                f.set_exception(StoreUnavailable("server is shutting down"))
-
-def admission_email(batch: list[tuple[HoldRequest, asyncio.Future]], fut: asyncio.Future) -> str:
-    """The email of the request whose future is fut."""
-    return next(r.email for r, f in batch if f is fut)

@@ -58,10 +58,11 @@ class Relay:
         native = identity.is_native
         admission = None
         if not native:  # a provider key passed through is the caller's own: no rules, no budget, no ledger
-            gw.check_model(identity.email, provider, call.model)
             key = gw.provider_key(provider.name)
+            email, hold, model = identity.email, call.hold, call.model
             # decided on the spot when it can be, without a coroutine
-            admission = gw.admit_now(identity.email, call.hold) or await gw.admit(identity.email, call.hold)
+            admission = (gw.admit_now(email, hold, provider, model)
+                         or await gw.admit(email, hold, provider, model))
         else:
             key = identity.native_key
         self.call, self.outcome, self.native = call, Outcome(), native

@@ -2,8 +2,8 @@
 
 aiohttp's client parses answers in C and keeps connections open between calls; on the gateway's hot
 path it costs about two thirds of what Tornado's client did, even with connections reused there too
-(see docs/performance.md). Google's keys and OpenRouter's model list, fetched now and
-then, still use Tornado's client.
+(see docs/performance.md). It is the process's one client: Google's signing keys and
+OpenRouter's model list are fetched through it too.
 
 `exchange` hands an answer on as it arrives: the status line and headers once, then each network
 read of the (decompressed) body, waiting for the caller before reading on, so a slow client slows
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, NamedTuple
 
 import aiohttp
 from yarl import URL
@@ -33,6 +33,16 @@ WATCH_EVERY = 0.25  # seconds between deadline checks: how late past upstream_ti
 MAX_HEADER_LINE = 65536  # aiohttp's default (8190) would turn a long provider header into a 502
 
 Headers = list[tuple[str, str]]  # an answer's header lines as sent (names and values as Latin-1, like Tornado)
+
+
+class Answer(NamedTuple):
+    """A whole answer (Upstream.fetch)."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
 OnStart = Callable[[int, str, Headers], None]
 OnChunk = Callable[[bytes], Awaitable[None] | None]  # a returned awaitable is awaited before the next read
 
@@ -129,18 +139,14 @@ class Upstream:
         else:
             self._watching = None
 
-    async def fetch(self, method: str, url: str, headers: dict[str, str], body: bytes | None, *,
-                    connect_timeout: float, timeout: float) -> tuple[int, bytes] | BaseException:
-        """A whole answer as (status, body), or the error that prevented it."""
-        status, parts = 0, []
-
-        def on_start(code: int, reason: str, headers: Headers) -> None:
-            nonlocal status
-            status = code
-
-        error = await self.exchange(method, url, headers, body, connect_timeout=connect_timeout, timeout=timeout,
-                                    on_start=on_start, on_chunk=parts.append)
-        return error if error is not None else (status, b"".join(parts))
+    async def fetch(self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None, *,
+                    connect_timeout: float = 30.0, timeout: float = 30.0) -> Answer | BaseException:
+        """A whole answer, or the error that prevented it."""
+        start: list = []
+        parts: list[bytes] = []
+        error = await self.exchange(method, url, headers or {}, body, connect_timeout=connect_timeout,
+                                    timeout=timeout, on_start=lambda *line: start.extend(line), on_chunk=parts.append)
+        return error if error is not None else Answer(start[0], start[2], b"".join(parts))
 
     async def close(self) -> None:
         if self._session is not None:

@@ -8,6 +8,7 @@ from datetime import date
 
 import pytest
 
+from aipipe.admission import StoreAdmission
 from aipipe.ledger import Ledger
 from aipipe.storage import Charge, HoldRequest, StoreUnavailable, open_store
 
@@ -43,7 +44,8 @@ async def test_charges_wait_out_an_outage_while_admissions_fail_fast(tmp_path):
         store.down = True
         done = ledger.settle(charge(0.25))
         with pytest.raises(StoreUnavailable):
-            await asyncio.wait_for(ledger.reserve(HoldRequest("l@example.com", 0.01, date(2026, 1, 1), 1.0)), 2)
+            await asyncio.wait_for(StoreAdmission(store, ledger).decide(
+                HoldRequest("l@example.com", 0.01, date(2026, 1, 1), 1.0)), 2)
         await asyncio.sleep(0.2)
         assert ledger.pending == 1 and not done.done()
         store.down = False

@@ -14,8 +14,7 @@ from datetime import date
 
 import pytest
 
-from aipipe import ledger as ledger_module
-from aipipe.books import Books
+from aipipe.admission import MemoryAdmission, StoreAdmission
 from aipipe.ledger import Ledger
 from aipipe.spool import spool_dir
 from aipipe.storage import Charge, open_store
@@ -142,19 +141,22 @@ async def test_a_store_that_is_down_keeps_every_charge_instead_of_setting_any_as
 @pytest.mark.parametrize("memory", [False, True])
 async def test_a_cost_that_is_not_a_finite_positive_number_never_lowers_spend(tmp_path, memory, caplog):
     store = await open_store(f"sqlite:///{tmp_path}/c.db")
-    ledger = Ledger(store, books=Books() if memory else None)
+    ledger = Ledger(store)
+    admission = MemoryAdmission(store, ledger) if memory else StoreAdmission(store, ledger)
     ledger.start()
     try:
         with caplog.at_level(logging.ERROR):
             for cost in (0.5, -0.25, math.nan, math.inf, -math.inf):
-                ledger.settle(charge(cost))
+                c = charge(cost)
+                if admission.settled(c):
+                    ledger.settle(c)
             await ledger.flush()
         assert await store.spend(USER, DAY) == pytest.approx(0.5, abs=1e-9)
         assert sorted(r["cost"] for r in await ledger_rows(store)) == [0, 0, 0, 0, 0.5]
         assert sum("recorded as 0" in r.getMessage() for r in caplog.records) == 4
         if memory:
-            assert ledger.books.users == {} or all(
-                not math.isnan(c) and c >= 0 for b in ledger.books.users.values() for c in b.days.values())
+            assert admission.books.users == {} or all(
+                not math.isnan(c) and c >= 0 for b in admission.books.users.values() for c in b.days.values())
     finally:
         await ledger.close()
         await store.close()
@@ -206,10 +208,9 @@ async def test_charges_of_a_writer_that_keeps_failing_are_spooled_at_close(tmp_p
 # --- flush ---------------------------------------------------------------------------------------------
 
 @pytest.mark.gen_test
-async def test_a_flush_right_after_a_settle_does_not_wait_out_the_linger(tmp_path, monkeypatch):
-    monkeypatch.setattr(ledger_module, "LINGER", 3600.0)  # a flush that waited it out would time out instead
+async def test_a_flush_right_after_a_settle_does_not_wait_out_the_linger(tmp_path):
     store = await open_store(f"sqlite:///{tmp_path}/f.db")
-    ledger = Ledger(store, books=Books())
+    ledger = Ledger(store, linger=3600.0)  # a flush that waited it out would time out instead
     ledger.start()
     try:
         ledger.settle(charge(0.1))

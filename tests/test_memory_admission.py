@@ -12,9 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aipipe.admission import MemoryAdmission
 from aipipe.books import Books
 from aipipe.budget import today_utc, utc_date
 from aipipe.errors import ApiError
+from aipipe.providers.openai import PROVIDER as OPENAI
 from aipipe.ledger import LINGER, Ledger
 from aipipe.storage import Charge, HoldRequest, StoreConfigError, StoreUnavailable, open_store
 
@@ -66,6 +68,11 @@ def test_books_concurrency_rate_and_hold_expiry():
     assert books.admit(request(rpm=3), now + 161).hold_id is not None
 
 
+def settle(admission, ledger, charge):
+    """A call's end as the gateway handles it: the admission releases the hold, the ledger writes the charge."""
+    return ledger.settle(charge) if admission.settled(charge) else None
+
+
 @pytest.mark.gen_test
 async def test_first_admission_counts_queued_charges_exactly_once(tmp_path):
     """A user's spend is read by the writer: charges written and charges still queued are each counted once."""
@@ -74,13 +81,14 @@ async def test_first_admission_counts_queued_charges_exactly_once(tmp_path):
     row = {**dataclasses.asdict(charge(0.40)), "day": TODAY.isoformat()}
     spool.write_text(json.dumps(row) + "\n")
     await store.settle([charge(0.35)])  # already in the file before the server starts
-    ledger = Ledger(store, spool_path=str(spool), books=Books())
+    ledger = Ledger(store, spool_path=str(spool), linger=LINGER)
+    admission = MemoryAdmission(store, ledger)
     ledger.start()  # the spooled 0.40 is queued for writing
     try:
-        admission = await asyncio.wait_for(ledger.reserve(request(limit=1.0)), 5)
-        assert admission.spent == pytest.approx(0.75)
-        ledger.settle(charge(0.25, hold_id=admission.hold_id))
-        refused = await ledger.reserve(request(limit=1.0))  # 1.00 of 1.00: out of budget, with no round trip
+        decision = await asyncio.wait_for(admission.decide(request(limit=1.0)), 5)
+        assert decision.spent == pytest.approx(0.75)
+        settle(admission, ledger, charge(0.25, hold_id=decision.hold_id))
+        refused = admission.decide_now(request(limit=1.0))  # 1.00 of 1.00: out of budget, with no round trip
         assert refused.refused == "budget" and refused.spent == pytest.approx(1.0)
     finally:
         await ledger.close()
@@ -94,19 +102,20 @@ async def test_memory_mode_refuses_admissions_while_charges_cannot_be_written(tm
     from .test_ledger import FlakyStore
 
     store = FlakyStore(await open_store(f"sqlite:///{tmp_path}/m.db"))
-    ledger = Ledger(store, retry_seconds=0.05, books=Books())
+    ledger = Ledger(store, retry_seconds=0.05, linger=LINGER)
+    admission = MemoryAdmission(store, ledger, retry_seconds=0.05)
     ledger.start()
     try:
-        admission = await ledger.reserve(request())
+        decision = await admission.decide(request())
         store.down = True
-        done = ledger.settle(charge(0.1, hold_id=admission.hold_id))
+        done = settle(admission, ledger, charge(0.1, hold_id=decision.hold_id))
         await asyncio.sleep(LINGER + 0.1)  # the writer's first attempt
         with pytest.raises(StoreUnavailable):
-            await ledger.reserve(request())
+            await admission.decide(request())
         store.down = False
         await asyncio.wait_for(done, 2)
         await asyncio.sleep(0.1)
-        assert (await ledger.reserve(request())).spent == pytest.approx(0.1)
+        assert (await admission.decide(request())).spent == pytest.approx(0.1)
     finally:
         await ledger.close()
         await store.close()
@@ -193,10 +202,10 @@ async def test_a_rolling_window_moves_on_at_midnight(make_gateway, monkeypatch):
     monkeypatch.setattr(aipipe.gateway, "today_utc", lambda: day)
     await gw.set_cost("night@example.com", day, 0.05)  # the whole budget, spent today
     with pytest.raises(ApiError) as refused:
-        await gw.admit("night@example.com", 0.001)
+        await gw.admit("night@example.com", 0.001, OPENAI, "gpt-4o-mini")
     assert refused.value.status_code == 429 and "Usage $0.05 / $0.05 in 1 days" in refused.value.message
     day = date(2026, 12, 1)  # midnight passes
-    admission = await gw.admit("night@example.com", 0.001)
+    admission = await gw.admit("night@example.com", 0.001, OPENAI, "gpt-4o-mini")
     assert admission.hold_id is not None and admission.spent == 0.0
 
 

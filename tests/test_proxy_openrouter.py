@@ -111,9 +111,8 @@ async def test_calls_arriving_while_the_price_list_loads_wait_for_it(call, gatew
 
 @pytest.mark.gen_test
 async def test_the_model_list_gives_each_price_its_maximum_output():
-    from types import SimpleNamespace
-
     from aipipe.providers.openrouter import ModelCatalog
+    from aipipe.upstream import Answer
 
     listing = {"data": [
         {"id": "a/capped", "pricing": {"prompt": "0.000001", "completion": "0.000002"},
@@ -121,9 +120,9 @@ async def test_the_model_list_gives_each_price_its_maximum_output():
         {"id": "b/context-only", "pricing": {"prompt": "0.000001", "completion": "0.000002"}, "context_length": 65536},
     ]}
 
-    class Http:
-        async def fetch(self, request, raise_error=True):
-            return SimpleNamespace(body=orjson.dumps(listing))
+    class Http:  # the Upstream client's fetch, answering the listing
+        async def fetch(self, method, url, headers=None, body=None, **timeouts):
+            return Answer(200, [("Content-Type", "application/json")], orjson.dumps(listing))
     catalog = ModelCatalog("http://127.0.0.1:1/v1/models", Http())
     assert (await catalog.price("a/capped")).max_output == 8192
     assert (await catalog.price("b/context-only")).max_output == 65536

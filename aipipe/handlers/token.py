@@ -11,11 +11,11 @@ import google.auth.transport
 import jwt as pyjwt
 import orjson
 from google.oauth2 import id_token
-from tornado.httpclient import HTTPRequest
 
 from ..auth import mint_token
 from ..errors import ApiError
 from ..singleflight import SingleFlight
+from ..upstream import describe, header
 from .base import ApiHandler
 
 log = logging.getLogger("aipipe.token")
@@ -71,14 +71,18 @@ class GoogleCerts:
     async def _fetch(self) -> None:
         self.fetched = time.monotonic()
         try:
-            resp = await self.http.fetch(HTTPRequest(self.url, request_timeout=10), raise_error=True)
-            orjson.loads(resp.body)
+            answer = await self.http.fetch("GET", self.url, timeout=10)
+            if isinstance(answer, BaseException):
+                raise RuntimeError(describe(answer))
+            if answer.status != 200:
+                raise RuntimeError(f"answered {answer.status}")
+            orjson.loads(answer.body)
         except Exception as e:
             log.warning("could not fetch Google certificates from %s: %s", self.url, e)
             return
-        match = re.search(r"max-age=(\d+)", resp.headers.get("Cache-Control", ""))
+        match = re.search(r"max-age=(\d+)", header(answer.headers, "cache-control"))
         max_age = min(float(match.group(1)), LONGEST_MAX_AGE) if match else DEFAULT_MAX_AGE
-        self.data, self.expires = resp.body, time.monotonic() + max_age
+        self.data, self.expires = answer.body, time.monotonic() + max_age
 
 
 def reason_for(error: Exception) -> str:
@@ -149,5 +153,5 @@ class TokenHandler(ApiHandler):
 
 def token_routes(gateway) -> list:
     """The /token route with its certificate cache."""
-    certs = GoogleCerts(gateway.config.get("auth.google_certs_url"), gateway.http)
+    certs = GoogleCerts(gateway.config.get("auth.google_certs_url"), gateway.upstream)
     return [(r"/token/?", TokenHandler, {"gateway": gateway, "certs": certs})]

@@ -54,7 +54,8 @@ class UsageHandler(ApiHandler):
             if not self.gw.is_admin(email):
                 raise ApiError(403, "Admin access required")
             email = asked
-        budget = self.gw.config.budget_for(email)
+        await self.gw.rules.sync()  # a rule set through another process or instance shows at once
+        budget = self.gw.rules.budget_for(email)
         today = today_utc()
         start = window_start(budget, today)
         days = int_arg(self, "days", window_days(budget, today), 1, 366)

@@ -5,11 +5,11 @@ import logging
 import time
 
 import orjson
-from tornado.httpclient import HTTPRequest
 
 from ..errors import ApiError
 from ..singleflight import SingleFlight
 from ..pricing import Price, cost_of
+from ..upstream import describe
 from ..usage import Usage
 from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price, set_hold
 
@@ -67,8 +67,12 @@ class ModelCatalog:
     async def _fetch(self) -> None:
         self.fetched_at = time.monotonic()  # set first: a failing list is not hammered either
         try:
-            resp = await self.http.fetch(HTTPRequest(self.url, request_timeout=30), raise_error=True)
-            models = orjson.loads(resp.body)["data"]
+            answer = await self.http.fetch("GET", self.url, timeout=30)
+            if isinstance(answer, BaseException):
+                raise RuntimeError(describe(answer))
+            if answer.status != 200:
+                raise RuntimeError(f"answered {answer.status}")
+            models = orjson.loads(answer.body)["data"]
         except Exception as e:
             log.warning("could not load OpenRouter model prices from %s: %s", self.url, e)
             return
