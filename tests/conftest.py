@@ -78,15 +78,31 @@ def backends(config) -> list[str]:
     return ["sqlite"] if config.getoption("--sqlite-only") else ["sqlite", "postgres"]
 
 
+# How a test module marked `every_gateway` runs its gateways: each store with each admission it can have.
+GATEWAY_MODES = ("sqlite-memory", "sqlite-store", "postgres-store")
+
+
 def pytest_generate_tests(metafunc):
     if "store_kind" in metafunc.fixturenames:
         metafunc.parametrize("store_kind", backends(metafunc.config))
+    elif metafunc.definition.get_closest_marker("every_gateway") and "make_gateway" in metafunc.fixturenames:
+        modes = [m for m in GATEWAY_MODES if m.split("-")[0] in backends(metafunc.config)]
+        metafunc.parametrize("gateway_mode", modes, indirect=True)
+
+
+@pytest.fixture
+def gateway_mode(request) -> str:
+    """The store and admission of the test's gateways: "sqlite-memory" unless the module is marked every_gateway."""
+    return getattr(request, "param", "sqlite-memory")
 
 
 @pytest.fixture
 def store_url(request, tmp_path):
     """A fresh, empty database URL: a SQLite file, or a Postgres schema of its own."""
-    kind = request.getfixturevalue("store_kind") if "store_kind" in request.fixturenames else "sqlite"
+    if "store_kind" in request.fixturenames:
+        kind = request.getfixturevalue("store_kind")
+    else:
+        kind = request.getfixturevalue("gateway_mode").split("-")[0]
     if kind == "sqlite":
         return f"sqlite:///{tmp_path}/aipipe.db"
     from .pg import fresh_postgres_url  # provided by the Postgres backend's tests
@@ -95,15 +111,18 @@ def store_url(request, tmp_path):
 
 
 @pytest.fixture
-def make_gateway(io_loop, upstream, store_url):
+def make_gateway(io_loop, upstream, store_url, gateway_mode):
     """`await make_gateway(env=..., **sections)` -> a started Gateway; sections are merged into the config."""
     made = []
+    mode = gateway_mode
 
     async def make(env: dict | None = None, **sections) -> Gateway:
         # A lone server keeps an SQLite file's budgets in memory and locks the file, so each gateway
         # of a test gets a file of its own unless the test names one.
         url = store_url if not made or not store_url.startswith("sqlite") else store_url.replace(".db", f"-{len(made)}.db")
         data = base_config(upstream.url, url)
+        if mode.endswith("-store"):
+            data["storage"]["admission"] = "store"
         for section, values in sections.items():
             data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
         config = build_config(data, {**ENV, **(env or {})})

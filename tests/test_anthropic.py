@@ -13,6 +13,8 @@ from .conftest import token
 from .fake_anthropic import ANTHROPIC_REPLY
 from .helpers import message, settled, spent
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 SONNET = "claude-sonnet-4-5-20250929"  # $3 / $15 per million; cache reads $0.30, writes $3.75 (5 min) and $6 (1 h)
 
 

@@ -10,6 +10,8 @@ from .conftest import ENV, token
 from .fake_gemini import GEMINI_REPLY
 from .helpers import message, settled, spent, sse_data
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 M = 1e-6  # prices below are USD per million tokens
 FLASH_IN, FLASH_CACHED, FLASH_OUT = 0.3 * M, 0.03 * M, 2.5 * M
 PRO_IN, PRO_OUT, PRO_LONG_IN, PRO_LONG_OUT = 1.25 * M, 10 * M, 2.5 * M, 15 * M

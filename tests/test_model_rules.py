@@ -10,6 +10,8 @@ from aipipe.config import ConfigError, build_config
 from .conftest import ENV, token
 from .helpers import chat, message, spent
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 RULES = {"@students.example.edu": {"limit": 2, "days": 7,
                                    "models": ["gpt-4o-mini", "openai/*", "claude-haiku-*", "gemini-*-flash*",
                                               "text-embedding-3-*"]}}

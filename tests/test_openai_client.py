@@ -8,6 +8,8 @@ from .conftest import token
 from .fake_upstream import REPLY
 from .helpers import spent
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 
 @pytest.mark.gen_test
 async def test_official_openai_client_streams_and_non_streams(gateway, upstream, base_url, http_server):

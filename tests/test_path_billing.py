@@ -7,6 +7,8 @@ import pytest
 from .conftest import token
 from .helpers import chat, raw_request, spent
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 CHAT = orjson.dumps(chat())
 JSON = {"Content-Type": "application/json"}
 

@@ -12,6 +12,8 @@ from .conftest import token
 from .fake_upstream import OPERATOR_KEYS, REPLY
 from .helpers import chat, message, settled, spent, sse_data
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 MINI_IN, MINI_CACHED, MINI_OUT = 0.15e-6, 0.075e-6, 0.6e-6  # gpt-4o-mini, USD per token
 
 

@@ -13,6 +13,8 @@ from .conftest import token
 from .fake_upstream import OPERATOR_KEYS
 from .helpers import chat, message, settled, spent, sse_data
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 
 @pytest.mark.gen_test
 async def test_openrouter_json_is_billed_by_reported_cost(call, gateway, upstream):

@@ -14,6 +14,8 @@ from .conftest import token
 from .fake_upstream import OPERATOR_KEYS
 from .helpers import message, settled, spent
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 SMALL = 0.02e-6  # text-embedding-3-small, USD per token
 
 
