@@ -11,6 +11,26 @@ async def settled(gateway, timeout: float = 5.0) -> None:
     await gateway.ledger.flush(timeout)
 
 
+async def calls_finished(app, gateway, timeout: float = 30.0) -> None:
+    """Wait for the provider calls in flight to end (a client that left does not end one), then for their charges."""
+    tasks = list(app.open_requests.tasks)
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+    await gateway.ledger.flush(timeout)
+
+
+async def leave_mid_stream(port: int, path: str, headers: dict, body: bytes, until: bytes) -> bytes:
+    """POST body to path, read the answer up to `until`, and hang up; returns what was read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+    try:
+        return await asyncio.wait_for(reader.readuntil(until), 30)
+    finally:
+        writer.close()
+
+
 async def spent(gateway, email: str) -> float:
     """Total cost on the user's ledger (all days)."""
     await settled(gateway)

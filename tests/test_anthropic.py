@@ -1,17 +1,13 @@
 """/anthropic/*: the official anthropic SDK works unchanged, and every call is billed to 1e-9 USD."""
 from __future__ import annotations
 
-import asyncio
-import socket
-
 import anthropic
 import orjson
 import pytest
-from tornado.iostream import IOStream
 
 from .conftest import token
 from .fake_anthropic import ANTHROPIC_REPLY
-from .helpers import message, settled, spent
+from .helpers import calls_finished, leave_mid_stream, message, settled, spent
 
 pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
 
@@ -164,22 +160,13 @@ async def test_a_refused_operator_key_is_502_and_the_sdk_maps_errors(gateway, up
     assert await spent(gateway, "sdk-errors@example.com") == 0
 
 
-@pytest.mark.gen_test(timeout=30)
-async def test_a_client_that_leaves_mid_stream_is_still_billed(gateway, upstream, http_server, http_port):
+@pytest.mark.gen_test
+async def test_a_client_that_leaves_mid_stream_is_still_billed(app, gateway, upstream, http_server, http_port):
     upstream.state.events, upstream.state.event_delay = 20, 0.05
-    body = orjson.dumps(messages_body(stream=True))
-    stream = IOStream(socket.socket())
-    await stream.connect(("127.0.0.1", http_port))
-    await stream.write(b"POST /anthropic/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       + f"x-api-key: {token('quit-claude@example.com')}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                       + body)
-    assert b"200 OK" in await stream.read_until(b"event: message_start")
-    stream.close()
-    for _ in range(100):  # bounded wait for the upstream stream to end (20 events x 50 ms)
-        await asyncio.sleep(0.05)
-        if await gateway.store.ledger("quit-claude@example.com"):
-            break
-    await settled(gateway)
+    first = await leave_mid_stream(http_port, "/anthropic/v1/messages", {"x-api-key": token("quit-claude@example.com")},
+                                   orjson.dumps(messages_body(stream=True)), b"event: message_start")
+    assert b"200 OK" in first
+    await calls_finished(app, gateway)  # the gateway reads on to the usage after the client left
     rows = await gateway.store.ledger("quit-claude@example.com")
     assert len(rows) == 1 and rows[0]["aborted"] and rows[0]["streamed"]
     assert rows[0]["cost"] == pytest.approx(sonnet_cost(12, 7), abs=1e-9)

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import orjson
 import pytest
 from tornado.httputil import HTTPHeaders
-from tornado.iostream import IOStream
 
 from .conftest import token
 from .fake_upstream import OPERATOR_KEYS
-from .helpers import chat, message, settled, spent, sse_data
+from .helpers import calls_finished, chat, leave_mid_stream, message, settled, spent, sse_data
 
 pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
 
@@ -69,24 +67,15 @@ async def test_openrouter_models_list_passes_through(call, gateway, upstream):
     assert r.code == 200 and orjson.loads(r.body)["data"][0]["id"] == "openai/gpt-4o-mini"
 
 
-@pytest.mark.gen_test(timeout=30)
-async def test_client_that_leaves_mid_stream_is_still_billed(gateway, upstream, http_server, http_port):
+@pytest.mark.gen_test
+async def test_client_that_leaves_mid_stream_is_still_billed(app, gateway, upstream, http_server, http_port):
     """The client reads the first event and hangs up; the gateway reads on to the usage and bills it."""
     upstream.state.events, upstream.state.event_delay = 20, 0.05
-    body = orjson.dumps(chat(stream=True))
-    stream = IOStream(socket.socket())
-    await stream.connect(("127.0.0.1", http_port))
-    await stream.write(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       + f"Authorization: Bearer {token('quit@example.com')}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                       + body)
-    first = await stream.read_until(b"\n\n")
+    first = await leave_mid_stream(http_port, "/openai/v1/chat/completions",
+                                   {"Authorization": f"Bearer {token('quit@example.com')}"},
+                                   orjson.dumps(chat(stream=True)), b"\n\n")
     assert b"200 OK" in first
-    stream.close()
-    for _ in range(100):  # bounded wait for the upstream stream to end (20 events x 50 ms)
-        await asyncio.sleep(0.05)
-        if (await gateway.store.ledger("quit@example.com")):
-            break
-    await settled(gateway)
+    await calls_finished(app, gateway)  # the gateway reads on to the usage after the client left
     rows = await gateway.store.ledger("quit@example.com")
     assert len(rows) == 1 and rows[0]["aborted"] and rows[0]["streamed"]
     assert rows[0]["cost"] == pytest.approx(12 * 0.15e-6 + 7 * 0.6e-6, abs=1e-12)
