@@ -144,10 +144,10 @@ class Gateway:
         """Whether email is an admin."""
         return bool(email) and email in self.config.admins
 
-    def check_model(self, email: str, provider, model: str) -> None:
-        """403 when the user's budget names the models they may call and `model` is not among them."""
-        patterns = self._window(email)[0].models
-        if patterns and model and not model_allowed(patterns, provider.name, model):
+    @staticmethod
+    def _check_model(budget: Budget, provider, model: str) -> None:
+        """403 when the budget names the models its users may call and `model` is not among them."""
+        if budget.models and model and not model_allowed(budget.models, provider.name, model):
             raise ApiError(403, f"Model {model} is not allowed for you")
 
     def provider_key(self, name: str) -> str:
@@ -170,8 +170,8 @@ class Gateway:
         429 or 503 when refused."""
         if not self.admission.in_memory:
             await self.rules.sync()  # a rule another process or instance set applies to this request
-        self.check_model(email, provider, model)
         budget, request = self._hold_request(email, hold)
+        self._check_model(budget, provider, model)
         try:
             decision = await self.admission.decide(request)
         except StoreUnavailable as e:
@@ -182,8 +182,8 @@ class Gateway:
         """admit(), when deciding takes no wait (budgets in memory and the user's spend read); else None."""
         if not self.admission.in_memory:
             return None
-        self.check_model(email, provider, model)
         budget, request = self._hold_request(email, hold)
+        self._check_model(budget, provider, model)
         try:
             decision = self.admission.decide_now(request)
         except StoreUnavailable as e:

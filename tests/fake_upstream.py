@@ -266,6 +266,10 @@ class EchoHandler(FakeHandler):
     """Anything else: echo what arrived, so tests can see exactly what was forwarded."""
 
     def any(self, *args) -> None:
+        if self.request.path.endswith("/no-content"):  # an answer without a body, as DELETEs often are
+            self.set_status(204)
+            self.finish()
+            return
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps(self.state.last | {"body": self.request.body.decode("utf-8", "replace")}))
 

@@ -166,3 +166,24 @@ async def test_provider_header_with_a_control_character_is_dropped_and_the_answe
     assert not any(rec.exc_info for rec in caplog.records)
     assert any("X-Odd" in rec.getMessage() and "a\x01b" not in rec.getMessage() for rec in caplog.records)
     assert await spent(gw, "odd@example.com") == pytest.approx(10 * 0.15e-6 + 4 * 0.6e-6, abs=1e-12)
+
+
+# What LeanCall copies from RequestHandler, pinned: the headers every answer carries, Content-Length, and
+# answers that may not have a body.
+
+@pytest.mark.gen_test
+async def test_an_answer_carries_cors_date_and_its_length_and_no_server_header(call, gateway, upstream):
+    r = await call("/openai/v1/files/file-abc", token=token("pinned@example.com"))
+    assert r.code == 200
+    assert r.headers["Access-Control-Allow-Origin"] == "*" and "X-AIPipe-Cost" in r.headers["Access-Control-Expose-Headers"]
+    assert "Server" not in r.headers and r.headers["Date"].endswith(" GMT")
+    assert int(r.headers["Content-Length"]) == len(r.body) > 0
+    assert "Transfer-Encoding" not in r.headers
+
+
+@pytest.mark.gen_test
+async def test_a_204_answer_has_no_body_length_or_content_type(call, gateway, upstream):
+    r = await call("/openai/v1/files/no-content", method="DELETE", token=token("pinned@example.com"))
+    assert r.code == 204 and r.body == b""
+    assert "Content-Type" not in r.headers and "Content-Length" not in r.headers
+    assert r.headers["Access-Control-Allow-Origin"] == "*"

@@ -184,9 +184,12 @@ class Provider:
     def forward_headers(self, call: Call, key: str) -> dict[str, str]:
         """The allow-listed request headers (the last value of one sent twice), the defaults the caller left
         out, and the key."""
-        headers, out = call.headers, {}
+        headers, out, known = call.headers, {}, self._forwarding
         for name in headers:
-            if self.is_forwarded(name):
+            forward = known.get(name)
+            if forward is None:
+                forward = self.is_forwarded(name)
+            if forward:
                 out[name] = headers.get_list(name)[-1]
         for name, value in self.default_headers.items():
             if name not in headers:
