@@ -19,7 +19,6 @@ from .metrics import Metrics
 from .pricing import PriceTable
 from .providers import TOKEN_HEADERS
 from .providers.base import Call
-from .providers.openrouter import ModelCatalog
 from .rules import BudgetRules
 from .storage import Charge, Decision, HoldRequest, Store, StoreUnavailable
 from .upstream import Upstream
@@ -61,7 +60,7 @@ class Gateway:
         self.upstream_timeout = config.get("limits.upstream_timeout")
         self._max_inflight, self._rpm, self._hold_seconds = (
             config.get("limits.max_concurrent_per_user"), config.get("limits.rpm_per_user"), config.get("limits.hold_seconds"))
-        self._catalog: ModelCatalog | None = None
+        self._provider_state: dict = {}  # provider name -> what it keeps (provider_state)
         self._windows: dict[str, tuple[date, Budget, date]] = {}  # email -> (today, budget, window start)
         self.rules.use_config(config)
         self._rules_version = self.rules.version  # _windows holds budgets of this version of the rules
@@ -157,13 +156,13 @@ class Gateway:
             raise ApiError(503, f"{name} is not configured on this server")
         return key
 
-    def openrouter_catalog(self) -> ModelCatalog:
-        """OpenRouter's model price list (created on first use)."""
-        if self._catalog is None:
-            c = self.config
-            self._catalog = ModelCatalog(c.providers["openrouter"].base_url + "/v1/models", self.upstream,
-                                         c.get("limits.openrouter_models_ttl"), c.get("limits.openrouter_refetch_seconds"))
-        return self._catalog
+    def provider_state(self, name: str, make):
+        """What a provider keeps for this gateway (OpenRouter's price list): made by `make()` on first use, and
+        afresh after a reload."""
+        state = self._provider_state.get(name)
+        if state is None:
+            state = self._provider_state[name] = make()
+        return state
 
     async def admit(self, email: str, hold: float, provider, model: str) -> Decision:
         """Check the model against the user's rules, then budget, concurrency and rate, and hold `hold` USD; 403,

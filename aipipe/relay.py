@@ -183,7 +183,7 @@ class Relay:
 
     def _log_key_rejected(self) -> None:
         log.error("%s answered %d to the operator's key: check %s", self.provider_name, self.outcome.status,
-                  self.provider_name.upper() + "_API_KEY")
+                  self.provider.key_env)
 
     def _on_chunk(self, chunk: bytes) -> Awaitable[None] | None:
         """A read of the answer; what it returns is awaited before the next read (nothing, for JSON)."""

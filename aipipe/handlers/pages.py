@@ -59,7 +59,7 @@ def is_chat(model: str, price: Price) -> bool:
 async def openrouter_prices(gateway) -> dict[str, Price]:
     """OpenRouter's live price list: fetched when stale, but waited for CATALOG_WAIT at most, so an OpenRouter that
     is slow or down never holds up the page (its model box then takes any name typed in)."""
-    catalog = gateway.openrouter_catalog()
+    catalog = PROVIDERS["openrouter"].catalog(gateway)
     listed = next(iter(catalog.prices), "")  # a listed model asks for a fetch only when the list is stale
     try:
         await asyncio.wait_for(asyncio.shield(catalog.price(listed)), CATALOG_WAIT)

@@ -100,12 +100,20 @@ class OpenRouter(Provider):
         model = call.body_model()
         if not model:
             raise ApiError(400, MISSING_MODEL)
-        catalog = gateway.openrouter_catalog()
+        catalog = self.catalog(gateway)
         price = await catalog.price(model)
         if price is None and ":" in model:  # routing suffixes such as :nitro price like the base model
             price = await catalog.price(model.split(":", 1)[0])
         set_hold(call, require_price(call, price, model), gateway.default_hold, 0.0,
                  gateway.config.get("limits.default_max_output_tokens"))
+
+    def catalog(self, gateway) -> ModelCatalog:
+        """The gateway's copy of OpenRouter's model price list."""
+        def make() -> ModelCatalog:
+            c = gateway.config
+            return ModelCatalog(c.providers[self.name].base_url + "/v1/models", gateway.upstream,
+                                c.get("limits.openrouter_models_ttl"), c.get("limits.openrouter_refetch_seconds"))
+        return gateway.provider_state(self.name, make)
 
     def cost(self, call: Call, usage: Usage) -> float:
         """OpenRouter's own usage.cost when it reports one, else tokens at the listed price."""
