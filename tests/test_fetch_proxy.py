@@ -433,9 +433,9 @@ async def test_chunked_answer_over_the_cap_before_anything_was_sent_is_502(make_
 async def test_slow_target_is_504(make_gateway, serve, call, target):
     url = serve(await make_gateway(proxy={"allow_private": True, "timeout": 0.3}))
     started = time.monotonic()
-    r = await call(f"{url}/proxy/{target.url}/slow?s=1.5")
+    r = await call(f"{url}/proxy/{target.url}/slow?s=10")
     assert r.code == 504 and message(r) == "127.0.0.1 did not answer within 0.3 s"
-    assert time.monotonic() - started < 1.4
+    assert time.monotonic() - started < 10  # answered without waiting for the target
 
 
 @pytest.mark.gen_test
