@@ -18,7 +18,7 @@ STARTER_MODELS = ("openai/gpt-4o-mini", "gpt-4o-mini", "gemini-2.5-flash", "clau
 # Priced models that chat endpoints refuse (embeddings, speech, images) or that answer only on other APIs
 NOT_CHAT = re.compile(r"embedding|tts|whisper|dall-e|moderation|image|audio|realtime|transcribe|turbo-instruct|codex"
                       r"|^(?:o1|o3|gpt-5)-pro$")
-# How long the playground waits for OpenRouter's model list before rendering without it (the fetch goes on)
+# How long the playground waits for a live model list (OpenRouter's) before rendering without it (the fetch goes on)
 CATALOG_WAIT = 3.0
 
 
@@ -56,10 +56,9 @@ def is_chat(model: str, price: Price) -> bool:
     return NOT_CHAT.search(model) is None
 
 
-async def openrouter_prices(gateway) -> dict[str, Price]:
-    """OpenRouter's live price list: fetched when stale, but waited for CATALOG_WAIT at most, so an OpenRouter that
-    is slow or down never holds up the page (its model box then takes any name typed in)."""
-    catalog = PROVIDERS["openrouter"].catalog(gateway)
+async def live_prices(catalog) -> dict[str, Price]:
+    """A provider's live price list (OpenRouter's): fetched when stale, but waited for CATALOG_WAIT at most, so a
+    provider that is slow or down never holds up the page (its model box then takes any name typed in)."""
     listed = next(iter(catalog.prices), "")  # a listed model asks for a fetch only when the list is stale
     try:
         await asyncio.wait_for(asyncio.shield(catalog.price(listed)), CATALOG_WAIT)
@@ -69,9 +68,9 @@ async def openrouter_prices(gateway) -> dict[str, Price]:
 
 
 async def model_prices(gateway, provider) -> dict[str, Price]:
-    """Every model the gateway can price for a provider: OpenRouter's live list, else the shipped table."""
-    if provider.name == "openrouter":
-        return await openrouter_prices(gateway)
+    """Every model the gateway can price for a provider: its live list when it keeps one, else the shipped table."""
+    if hasattr(provider, "catalog"):
+        return await live_prices(provider.catalog(gateway))
     table = gateway.prices
     return {model: table.lookup(provider.name, model) for model in table.models(provider.name)}
 
