@@ -72,9 +72,11 @@ async def test_usage_lists_the_patterns_and_others_are_unrestricted(make_gateway
     gw = await make_gateway(budget=RULES)
     url = serve(gw)
     student = orjson.loads((await call(url + "/usage", token=token(STUDENT))).body)
-    assert student["models"] == RULES["@students.example.edu"]["models"] and student["limit"] == 2
+    assert student["allowed_models"] == RULES["@students.example.edu"]["models"] and student["limit"] == 2
+    by_model = orjson.loads((await call(url + "/usage?by=model", token=token(STUDENT))).body)
+    assert by_model["allowed_models"] == student["allowed_models"] and by_model["models"] == []  # both, apart
     other = orjson.loads((await call(url + "/usage", token=token("staff@example.com"))).body)
-    assert other["models"] is None
+    assert other["allowed_models"] is None
     r = await call(url + "/openai/v1/chat/completions", "POST", json=chat("gpt-4.1"), token=token("staff@example.com"))
     assert r.code == 200
     assert await spent(gw, "staff@example.com") > 0

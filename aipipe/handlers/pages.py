@@ -12,7 +12,8 @@ from .redirects import RedirectError, check_redirect, redirect_from_query
 
 # Providers whose chat wire format playground.js speaks, by config name, with the name people know them by.
 # A provider missing here still shows on the home page; the playground needs its format written first.
-CHAT_PROVIDERS = {"openai": "OpenAI", "openrouter": "OpenRouter", "gemini": "Gemini", "anthropic": "Anthropic"}
+# The providers whose chat wire format the playground speaks (ui/static/playground.js), by provider name
+CHAT_FORMATS = frozenset({"openai", "openrouter", "gemini", "anthropic"})
 # The model the playground starts with, when the provider prices it: cheap, quick and good enough to try things
 STARTER_MODELS = ("openai/gpt-4o-mini", "gpt-4o-mini", "gemini-2.5-flash", "claude-haiku-4-5")
 # Priced models that chat endpoints refuse (embeddings, speech, images) or that answer only on other APIs
@@ -79,13 +80,13 @@ async def chat_providers(gateway) -> list[dict]:
     """The playground's providers: configured ones it can talk to, each with its chat models and their prices."""
     out = []
     for route, provider in configured_providers(gateway):
-        if provider.name not in CHAT_PROVIDERS:
+        if provider.name not in CHAT_FORMATS:
             continue
         prices = await model_prices(gateway, provider)
         models = [{"id": m, "label": price_label(p)} for m, p in prices.items() if p and is_chat(m, p)]
         ids = {m["id"] for m in models}
         start = next((m for m in STARTER_MODELS if m in ids), models[0]["id"] if models else "")
-        out.append({"route": route, "format": provider.name, "label": CHAT_PROVIDERS[provider.name],
+        out.append({"route": route, "format": provider.name, "label": provider.label,
                     "models": models, "start": start})
     return out
 

@@ -73,7 +73,7 @@ class UsageHandler(ApiHandler):
         spent, holds = usd_sum(c for d, c in rows.items() if d >= start.isoformat()), usd(holds)
         body = {
             "email": email, "days": days, "cost": usd_sum(u["cost"] for u in usage), "usage": usage,
-            "admin": self.gw.is_admin(identity.email), "models": list(budget.models) or None,
+            "admin": self.gw.is_admin(identity.email), "allowed_models": list(budget.models) or None,
             "limit": budget.limit, "spent": spent, "held": holds, "remaining": max(0.0, budget.limit - spent - holds),
             "window": {"days": budget.days if not budget.period else window_days(budget, today),
                        "period": budget.period, "start": start.isoformat(), "resets": resets_at(budget, today)},

@@ -24,6 +24,7 @@ class Anthropic(Provider):
     """Anthropic's Messages API: messages (JSON and named server-sent events), token counting, models."""
 
     route = name = "anthropic"
+    label = "Anthropic"
     default_base_url = "https://api.anthropic.com"
     key_env = "ANTHROPIC_API_KEY"
     forwarded = frozenset({"anthropic-version", "anthropic-beta", "anthropic-dangerous-direct-browser-access"})

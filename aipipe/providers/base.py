@@ -150,6 +150,7 @@ class Provider:
 
     route = ""  # the URL segment: /<route>/... is this provider's
     name = ""  # its [providers.<name>] section, price-table and ledger name
+    label = ""  # its name for people (pages, logs)
     default_base_url = ""
     key_env = ""  # the environment variable holding the operator's key
     prefix = ""  # URL path prefix below the provider's base_url

@@ -48,6 +48,7 @@ class Gemini(Provider):
 
     route = "geminiv1beta"  # the route names the API version; configuration and ledger say "gemini"
     name = "gemini"
+    label = "Gemini"
     default_base_url = "https://generativelanguage.googleapis.com"
     key_env = "GEMINI_API_KEY"
     prefix = "/v1beta"

@@ -20,6 +20,7 @@ class OpenAI(Provider):
     """OpenAI's API: chat completions, responses, embeddings, audio, images, models."""
 
     route = name = "openai"
+    label = "OpenAI"
     default_base_url = "https://api.openai.com"
     key_env = "OPENAI_API_KEY"
     forwarded = frozenset({"openai-beta"})

@@ -89,6 +89,7 @@ class OpenRouter(Provider):
     """OpenRouter's OpenAI-compatible API across many models."""
 
     route = name = "openrouter"
+    label = "OpenRouter"
     default_base_url = "https://openrouter.ai/api"
     key_env = "OPENROUTER_API_KEY"
     forwarded = frozenset({"openai-beta", "http-referer", "x-title"})  # HTTP-Referer and X-Title: app attribution
