@@ -20,21 +20,17 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from aipipe.storage import Charge
 
-from .browser_support import LiveServers
+from .browser_support import CHROMIUM, LiveServers, browser  # noqa: F401 (browser: the shared fixture)
 from .conftest import base_config, token
 from .fake_upstream import FakeState, make_fake_app
 from .helpers import chat
 from .server_process import ServerProcess
 
 pytestmark = pytest.mark.browser
-# as tests/test_browser.py runs it: Debian's Chromium, never a downloaded browser
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)", allow_module_level=True)
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
+from playwright.sync_api import expect  # noqa: E402
 
 ADMIN = "admin@example.com"
 TODAY = datetime.now(timezone.utc).date()
@@ -44,14 +40,6 @@ TODAY = datetime.now(timezone.utc).date()
 def live(tmp_path_factory):
     with LiveServers(str(tmp_path_factory.mktemp("browser-admin"))) as servers:
         yield servers
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
