@@ -1,6 +1,7 @@
 """AI Pipe tokens: HS256 JWTs carrying an email (and optionally a salt), and where requests carry them."""
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -8,6 +9,7 @@ from typing import Mapping
 import jwt
 
 NATIVE_KEY_PREFIXES = ("sk-", "AIza")
+NATIVE_KEY = re.compile(r"(?:sk-|AIza)[A-Za-z0-9_-]+")  # what provider keys are made of
 MIN_SECRET_BYTES = 16
 
 
@@ -42,8 +44,9 @@ def token_from_headers(headers: Mapping[str, str], names: tuple[str, ...] = ("Au
 
 
 def is_native_key(token: str) -> bool:
-    """True for provider keys such as sk-... (OpenAI, OpenRouter) or AIza... (Gemini)."""
-    return token.startswith(NATIVE_KEY_PREFIXES)
+    """True for provider keys such as sk-... (OpenAI, OpenRouter, Anthropic) or AIza... (Gemini): their prefix,
+    then key characters only (so no AI Pipe token rides along after a comma or a space)."""
+    return token.startswith(NATIVE_KEY_PREFIXES) and NATIVE_KEY.fullmatch(token) is not None
 
 
 def mint_token(email: str, secret: str, salt: str | None = None, expires_in: float | None = None) -> str:

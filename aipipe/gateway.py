@@ -144,10 +144,13 @@ class Gateway:
         return bool(email) and email in self.config.admins
 
     @staticmethod
-    def _check_model(budget: Budget, provider, model: str) -> None:
-        """403 when the budget names the models its users may call and `model` is not among them."""
-        if budget.models and model and not model_allowed(budget.models, provider.name, model):
-            raise ApiError(403, f"Model {model} is not allowed for you")
+    def _check_model(budget: Budget, provider, call: Call) -> None:
+        """403 when the budget names the models its users may call and the call may run on another."""
+        if not budget.models:
+            return
+        for model in (call.model, *call.fallback_models):
+            if model and not model_allowed(budget.models, provider.name, model):
+                raise ApiError(403, f"Model {model} is not allowed for you")
 
     def provider_key(self, name: str) -> str:
         """The operator's key for a provider; 503 if the operator set none."""
@@ -164,25 +167,25 @@ class Gateway:
             state = self._provider_state[name] = make()
         return state
 
-    async def admit(self, email: str, hold: float, provider, model: str) -> Decision:
-        """Check the model against the user's rules, then budget, concurrency and rate, and hold `hold` USD; 403,
-        429 or 503 when refused."""
+    async def admit(self, email: str, provider, call: Call) -> Decision:
+        """Check the call's models against the user's rules, then budget, concurrency and rate, and hold what the
+        call may cost (call.hold); 403, 429 or 503 when refused."""
         if not self.admission.in_memory:
             await self.rules.sync()  # a rule another process or instance set applies to this request
-        budget, request = self._hold_request(email, hold)
-        self._check_model(budget, provider, model)
+        budget, request = self._hold_request(email, call.hold)
+        self._check_model(budget, provider, call)
         try:
             decision = await self.admission.decide(request)
         except StoreUnavailable as e:
             raise self._store_down(e) from None
         return self._admitted(decision, request, budget)
 
-    def admit_now(self, email: str, hold: float, provider, model: str) -> Decision | None:
+    def admit_now(self, email: str, provider, call: Call) -> Decision | None:
         """admit(), when deciding takes no wait (budgets in memory and the user's spend read); else None."""
         if not self.admission.in_memory:
             return None
-        budget, request = self._hold_request(email, hold)
-        self._check_model(budget, provider, model)
+        budget, request = self._hold_request(email, call.hold)
+        self._check_model(budget, provider, call)
         try:
             decision = self.admission.decide_now(request)
         except StoreUnavailable as e:

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tornado.iostream import StreamClosedError
 
@@ -24,7 +24,7 @@ from .providers.base import NO_BODY_METHODS, Call, Provider, streamed_estimate
 from .sse import EventSplitter, data_length, simple_data_length, split_events
 from .stream_usage import event_usage, first_maybe_usage_only, may_report_usage, survey, usage_only
 from .upstream import Headers, describe, header, is_timeout
-from .usage import MAX_COUNT, Usage, parse_answer
+from .usage import Usage, parse_answer
 
 log = logging.getLogger("aipipe.relay")
 KEY_REJECTED = "provider credentials misconfigured"
@@ -59,10 +59,8 @@ class Relay:
         admission = None
         if not native:  # a provider key passed through is the caller's own: no rules, no budget, no ledger
             key = gw.provider_key(provider.name)
-            email, hold, model = identity.email, call.hold, call.model
             # decided on the spot when it can be, without a coroutine
-            admission = (gw.admit_now(email, hold, provider, model)
-                         or await gw.admit(email, hold, provider, model))
+            admission = gw.admit_now(identity.email, provider, call) or await gw.admit(identity.email, provider, call)
         else:
             key = identity.native_key
         self.call, self.outcome, self.native = call, Outcome(), native
@@ -114,16 +112,21 @@ class Relay:
         call, out = self.call, self.outcome
         if not call.billable or not (200 <= out.status < 300 or out.cut):
             return 0.0
-        if out.usage is None:
-            return streamed_estimate(call, out.output_bytes)
         usage = out.usage
-        if usage.input_tokens >= MAX_COUNT or usage.output_tokens >= MAX_COUNT:
+        if usage is None:
+            return streamed_estimate(call, out.output_bytes)
+        if usage.past_belief():
             return call.hold  # a count past any real answer: billed the most the call could cost, never nothing
         try:
             cost = self.provider.cost(call, usage)
         except ArithmeticError:
             cost = math.inf
-        return cost if 0.0 <= cost < math.inf else call.hold
+        if not 0.0 <= cost < math.inf:
+            return call.hold
+        if usage.partial:  # the answer ended before its final usage report: what was relayed counts as output
+            guessed = replace(usage, output_tokens=max(usage.output_tokens, out.output_bytes // 4), partial=False)
+            cost = max(cost, min(self.provider.cost(call, guessed), call.hold))
+        return cost
 
     async def _forward(self, key: str) -> None:
         """Send the call upstream and relay its answer as it arrives."""

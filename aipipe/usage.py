@@ -28,6 +28,13 @@ class Usage:
     web_searches: int = 0  # searches the provider ran and bills per search
     cost: float | None = None  # USD the provider itself reported (OpenRouter)
     model: str = ""
+    partial: bool = False  # a report the provider completes in a later event (Anthropic's message_start)
+
+    def past_belief(self) -> bool:
+        """Whether a count is past any real answer (MAX_COUNT): such usage cannot be trusted, nor priced."""
+        return max(self.input_tokens, self.output_tokens, self.cached_tokens, self.cache_write_tokens,
+                   self.cache_write_1h_tokens, self.audio_input_tokens, self.audio_output_tokens,
+                   self.image_input_tokens, self.web_searches) >= MAX_COUNT
 
 
 def parse_answer(data: bytes):

@@ -104,8 +104,11 @@ class MessagesHandler(AnthropicHandler):
             events = events[:s.anthropic_error_after] + [
                 ("error", anthropic_error("overloaded_error", "Overloaded"))]
         else:
-            delta_usage = self.usage(s.completion_tokens) if s.anthropic_delta_input else {
-                "output_tokens": s.completion_tokens}
+            delta_usage = {"output_tokens": s.completion_tokens}
+            if s.anthropic_delta_input:  # as the current API sends it: totals, without message_start's cache split
+                full = self.usage(s.completion_tokens)
+                delta_usage = {k: full[k] for k in ("input_tokens", "cache_creation_input_tokens",
+                                                    "cache_read_input_tokens", "output_tokens", "server_tool_use")}
             events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
                        ("message_delta", {"type": "message_delta",
                                           "delta": {"stop_reason": "end_turn", "stop_sequence": None},

@@ -59,15 +59,17 @@ def message(response) -> str:
     return orjson.loads(response.body)["message"]
 
 
-async def raw_request(base_url: str, method: str, target: str, headers: dict | None = None,
+async def raw_request(base_url: str, method: str, target: str, headers: dict | list | None = None,
                       body: bytes = b"") -> tuple[int, dict, bytes]:
-    """Send one request exactly as written (no client normalises its path) and read the answer to its end.
+    """Send one request exactly as written (no client normalises its path or joins repeated headers: `headers`
+    may be a list of (name, value) pairs) and read the answer to its end.
 
     Returns (status, headers with lower-case names, body); the connection is closed after the answer."""
     host, port = base_url.split("//", 1)[1].rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    pairs = headers.items() if isinstance(headers, dict) else headers or []
+    lines += [f"{k}: {v}" for k, v in pairs]
     if body:
         lines.append(f"Content-Length: {len(body)}")
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)

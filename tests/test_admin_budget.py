@@ -78,7 +78,7 @@ async def test_a_database_rule_overrides_the_files_rule_for_the_same_match_until
     assert rule["source"] == "database" and rule["overrides"] == {"limit": 0.5, "days": 30, "period": None, "models": []}
     assert rule["updated_by"] == ROOT and rule["models"] == ["gpt-4o-mini"]
     usage = body(await call("/usage", token=token("kid@school.edu")))
-    assert usage["limit"] == 2.0 and usage["window"]["period"] == "week" and usage["models"] == ["gpt-4o-mini"]
+    assert usage["limit"] == 2.0 and usage["window"]["period"] == "week" and usage["allowed_models"] == ["gpt-4o-mini"]
     listed = {x["match"]: x for x in body(await call("/admin/budget", token=token(ADMIN)))["rules"]}
     assert listed["@school.edu"]["source"] == "database" and listed["*"]["source"] == "config"
 

@@ -5,6 +5,8 @@ import anthropic
 import orjson
 import pytest
 
+from aipipe.sse import data_length, split_events
+
 from .conftest import token
 from .fake_anthropic import ANTHROPIC_REPLY
 from .helpers import calls_finished, leave_mid_stream, message, settled, spent
@@ -131,12 +133,16 @@ async def test_web_searches_and_long_prompts_are_priced(gateway, upstream, call)
 
 
 @pytest.mark.gen_test
-async def test_an_error_event_mid_stream_bills_what_message_start_reported(gateway, upstream, call):
+async def test_a_stream_that_ends_before_its_final_usage_bills_what_was_relayed(gateway, upstream, call):
+    """An `error` event after message_start (input 12, output 1) and before message_delta: the output count never
+    came, so what was relayed is billed as output, a token per 4 bytes of event data (capped at the hold)."""
     upstream.state.anthropic_error_after = 4  # message_start, block start, ping, one delta, then `event: error`
     r = await call("/anthropic/v1/messages", "POST", json=messages_body(stream=True),
                    headers={"x-api-key": token("overloaded@example.com")})
     assert r.code == 200 and b"event: error" in r.body and b"overloaded_error" in r.body
-    assert await spent(gateway, "overloaded@example.com") == pytest.approx(sonnet_cost(12, 1), abs=1e-9)
+    relayed = sum(map(data_length, split_events(r.body)))
+    assert await spent(gateway, "overloaded@example.com") == pytest.approx(sonnet_cost(12, relayed // 4), abs=1e-9)
+    assert relayed // 4 > 1
 
 
 @pytest.mark.gen_test
@@ -179,3 +185,22 @@ async def test_a_native_anthropic_key_passes_through_untracked(gateway, upstream
     assert upstream.state.last["headers"]["X-Api-Key"] == "sk-ant-user-native-key"
     await settled(gateway)
     assert await gateway.store.ledger(None) == []
+
+
+@pytest.mark.gen_test
+async def test_streamed_one_hour_cache_writes_are_billed_once_at_their_own_price(gateway, upstream, call):
+    """message_start splits cache writes into 5-minute and 1-hour ones; message_delta gives only their total."""
+    upstream.state.prompt_tokens, upstream.state.cache_write_1h_tokens, upstream.state.completion_tokens = 1000, 10_000, 100
+    r = await call("/anthropic/v1/messages", "POST", json=messages_body(stream=True),
+                   headers={"x-api-key": token("cache-1h@example.com")})
+    assert r.code == 200
+    assert await spent(gateway, "cache-1h@example.com") == pytest.approx(
+        sonnet_cost(1000, 100, write_1h=10_000), abs=1e-9)
+
+
+@pytest.mark.gen_test
+async def test_count_tokens_needs_a_model_whatever_its_content_type(gateway, upstream, call):
+    r = await call("/anthropic/v1/messages/count_tokens", "POST", body=orjson.dumps({"model": SONNET, "messages": []}),
+                   headers={"x-api-key": token("counting@example.com"), "Content-Type": "text/plain"})
+    assert r.code == 400 and message(r).startswith("Pass a JSON body with {model}")
+    assert upstream.state.requests == []

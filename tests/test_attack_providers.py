@@ -318,3 +318,97 @@ async def test_charges_made_before_a_shutdown_are_all_written(gateway, upstream,
     rows = await gateway.store.ledger("closing@example.com")
     assert len(rows) == 3
     assert sum(r["cost"] for r in rows) == pytest.approx(3 * sonnet_cost(12, 7), abs=1e-9)
+
+
+# --- holes found by attacking the gateway, closed ----------------------------------------------------------------
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("content_type", [
+    'application/json; x="multipart/"',  # a media type that only mentions multipart
+    ["multipart/form-data; boundary=zz", "application/json"],  # two of them: the provider would read the last
+])
+async def test_a_content_type_trick_does_not_shrink_the_hold(content_type, make_gateway, serve, call, upstream):
+    url = serve(await make_gateway(budget={"tight@example.com": {"limit": 0.05, "days": 1}}))
+    body = orjson.dumps(messages_body(OPUS, max_tokens=1, messages=[{"role": "user", "content": "x" * 200_000}]))
+    headers = [("x-api-key", token("tight@example.com"))]
+    headers += [("Content-Type", value) for value in (content_type if isinstance(content_type, list) else [content_type])]
+    status, _, answer = await raw_request(url, "POST", "/anthropic/v1/messages", headers, body)
+    assert status in (400, 429) and upstream.state.requests == []
+    if isinstance(content_type, list):
+        assert orjson.loads(answer)["message"] == "Content-Type may be sent only once"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("route,header", [("/anthropic/v1/messages", "x-api-key"),
+                                          ("/openai/v1/chat/completions", "Authorization")])
+async def test_a_credential_header_sent_twice_is_refused_and_nothing_is_sent(route, header, gateway, upstream,
+                                                                              http_server, base_url):
+    """Tornado joins the values of a repeated header: "sk-native,<token>" must not pass for a native key."""
+    native = "sk-ant-user-native-key" if header == "x-api-key" else "Bearer sk-user-native-key"
+    mine = token("twice@example.com") if header == "x-api-key" else f"Bearer {token('twice@example.com')}"
+    body = orjson.dumps(messages_body() if route.startswith("/anthropic") else chat())
+    status, _, answer = await raw_request(base_url, "POST", route, [
+        (header, native), (header, mine), ("Content-Type", "application/json")], body)
+    assert status == 400 and orjson.loads(answer)["message"] == f"{header} may be sent only once"
+    assert upstream.state.requests == [] and b"twice" not in answer
+
+
+@pytest.mark.gen_test
+async def test_a_native_key_is_key_characters_only(gateway, upstream, call):
+    r = await call("/openai/v1/chat/completions", "POST", json=chat(),
+                   headers={"Authorization": f"Bearer sk-user-native-key,{token('rider@example.com')}"})
+    assert r.code == 401 and upstream.state.requests == []
+
+
+@pytest.mark.gen_test
+async def test_openrouter_fallback_models_follow_the_rules_and_the_dearest_is_held(make_gateway, serve, call, upstream):
+    gw = await make_gateway(budget={**RULES, "tight@example.com": {"limit": 0.002, "days": 1}})
+    url = serve(gw)
+    fallback = chat("openai/gpt-4o-mini", models=["openai/gpt-4o-mini", "anthropic/claude-sonnet-4"])
+    r = await call(url + "/openrouter/v1/chat/completions", "POST", json=fallback, token=token(STUDENT))
+    assert r.code == 403 and message(r) == "Model anthropic/claude-sonnet-4 is not allowed for you"
+    # $0.002 fits gpt-4o-mini's hold for 1,000 output tokens ($0.0006) but not claude-sonnet-4's ($0.015)
+    cheap = await call(url + "/openrouter/v1/chat/completions", "POST", json=chat("openai/gpt-4o-mini", max_tokens=1000),
+                       token=token("tight@example.com"))
+    assert cheap.code == 200
+    held = await call(url + "/openrouter/v1/chat/completions", "POST", token=token("tight@example.com"),
+                      json={**fallback, "max_tokens": 1000})
+    assert held.code == 429 and "could cost up to" in message(held)
+    bad = await call(url + "/openrouter/v1/chat/completions", "POST", token=token("tight@example.com"),
+                     json=chat("openai/gpt-4o-mini", models="anthropic/claude-sonnet-4"))
+    assert bad.code == 400 and message(bad).startswith("models must be a list")
+    assert [r["path"] for r in upstream.state.requests].count("/api/v1/chat/completions") == 1
+
+
+@pytest.mark.gen_test
+async def test_an_absurd_web_search_count_bills_the_hold(make_gateway, serve, call, script):
+    gw = await make_gateway(providers={"anthropic": {"base_url": script.url}})
+    url = serve(gw)
+    script.content_type = "application/json"
+    script.pieces = [b'{"type":"message","content":[],"usage":{"input_tokens":12,"output_tokens":7,'
+                     b'"server_tool_use":{"web_search_requests":1e18}}}']
+    body = orjson.dumps(messages_body(OPUS))
+    r = await call(url + "/anthropic/v1/messages", "POST", body=body,
+                   headers={"x-api-key": token("searches@example.com"), "Content-Type": "application/json"})
+    hold = (len(body) * 30 + 100 * 75) / 1e6
+    assert r.code == 200 and await spent(gw, "searches@example.com") == pytest.approx(hold, abs=1e-9)
+
+
+@pytest.mark.gen_test
+async def test_a_stream_cut_before_message_delta_bills_what_was_relayed(make_gateway, serve, call, script):
+    gw = await make_gateway(providers={"anthropic": {"base_url": script.url}})
+    url = serve(gw)
+    script.pieces = [message_start(input_tokens=12, output_tokens=1)] + [text_delta("word " * 20)] * 50
+    r = await call(url + "/anthropic/v1/messages", "POST", json=messages_body(OPUS, stream=True, max_tokens=4000),
+                   headers={"x-api-key": token("cut@example.com")})
+    relayed = sum(len(line) - len(b"data: ") for line in r.body.split(b"\n") if line.startswith(b"data: "))
+    assert await spent(gw, "cut@example.com") == pytest.approx(opus_cost(12, relayed // 4), abs=1e-9)
+    assert relayed // 4 > 1000  # far more than message_start's one output token
+
+
+@pytest.mark.gen_test
+async def test_the_largest_max_tokens_spelling_is_held(make_gateway, serve, call, upstream):
+    url = serve(await make_gateway(budget={"spell@example.com": {"limit": 0.01, "days": 1}}))
+    body = chat("openai/gpt-4o-mini", max_completion_tokens=1, max_tokens=100_000)  # $0.06 of output at most
+    r = await call(url + "/openrouter/v1/chat/completions", "POST", json=body, token=token("spell@example.com"))
+    assert r.code == 429 and "could cost up to" in message(r)

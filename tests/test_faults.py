@@ -541,7 +541,8 @@ async def test_usage_counts_no_price_can_use_are_billed_the_calls_hold_not_nothi
         r = await call(base + CHAT, "POST", json=request, token=token("huge@example.com"))
         assert r.code == 200 and r.body == body
         rows = await charges(gw, "huge@example.com")
-        call_ = Call("POST", CHAT, "", HTTPHeaders({"Content-Type": "application/json"}), orjson.dumps(request))
+        call_ = Call("POST", "/v1/chat/completions", "", HTTPHeaders({"Content-Type": "application/json"}),
+                     orjson.dumps(request))
         await PROVIDERS["openai"].prepare(call_, gw)
         billed = float(r.headers["X-AIPipe-Cost"])
         assert [row["cost"] for row in rows] == [pytest.approx(billed, abs=1e-9)]

@@ -11,11 +11,13 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tornado.httputil import HTTPHeaders
 
 from aipipe.admission import MemoryAdmission
 from aipipe.books import Books
 from aipipe.budget import today_utc, utc_date
 from aipipe.errors import ApiError
+from aipipe.providers.base import Call
 from aipipe.providers.openai import PROVIDER as OPENAI
 from aipipe.ledger import LINGER, Ledger
 from aipipe.storage import Charge, HoldRequest, StoreConfigError, StoreUnavailable, open_store
@@ -202,10 +204,10 @@ async def test_a_rolling_window_moves_on_at_midnight(make_gateway, monkeypatch):
     monkeypatch.setattr(aipipe.gateway, "today_utc", lambda: day)
     await gw.set_cost("night@example.com", day, 0.05)  # the whole budget, spent today
     with pytest.raises(ApiError) as refused:
-        await gw.admit("night@example.com", 0.001, OPENAI, "gpt-4o-mini")
+        await gw.admit("night@example.com", OPENAI, Call("POST", "/v1/chat/completions", "", HTTPHeaders(), b"", model="gpt-4o-mini", hold=0.001))
     assert refused.value.status_code == 429 and "Usage $0.05 / $0.05 in 1 days" in refused.value.message
     day = date(2026, 12, 1)  # midnight passes
-    admission = await gw.admit("night@example.com", 0.001, OPENAI, "gpt-4o-mini")
+    admission = await gw.admit("night@example.com", OPENAI, Call("POST", "/v1/chat/completions", "", HTTPHeaders(), b"", model="gpt-4o-mini", hold=0.001))
     assert admission.hold_id is not None and admission.spent == 0.0
 
 

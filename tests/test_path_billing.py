@@ -84,10 +84,30 @@ async def test_free_openai_posts_are_forwarded_unpriced(path, call, gateway, ups
 @pytest.mark.gen_test
 @pytest.mark.parametrize("path", ["/v1/chat/completions/cancel", "/v1/filesx", "/v1/files/a/b/c", "/v1/batches",
                                   "/v1/moderations/x", "/v1/uploads/u/other"])
-async def test_posts_that_only_look_free_must_name_a_priced_model(path, call, gateway, upstream):
-    r = await call("/openai" + path, "POST", json={"input": "x"}, token=token("free@example.com"))
-    assert r.code == 400 and orjson.loads(r.body)["message"].startswith("Pass a JSON body with {model}")
+async def test_posts_that_only_look_free_are_refused(path, call, gateway, upstream):
+    for body in ({"input": "x"}, {"model": "gpt-4o-mini", "input": "x"}):  # a priced model does not make them priced
+        r = await call("/openai" + path, "POST", json=body, token=token("free@example.com"))
+        assert r.code == 400 and orjson.loads(r.body)["message"].startswith(f"OpenAI endpoint {path} is not supported")
     assert upstream.state.requests == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path,body", [
+    ("/v1/fine_tuning/jobs", {"model": "gpt-4o-mini-2024-07-18", "training_file": "file-abc"}),
+    ("/v1/threads/runs", {"model": "gpt-4o-mini", "assistant_id": "asst_1"}),
+    ("/v1/threads/thread_1/runs", {"model": "gpt-4o-mini", "assistant_id": "asst_1"}),
+    ("/v1/realtime/sessions", {"model": "gpt-4o-realtime-preview"}),
+    ("/v1/responses/input_tokens", {"model": "gpt-4o-mini", "input": "x"}),
+])
+async def test_work_that_goes_on_after_the_answer_is_refused_before_anything_is_sent(path, body, call, gateway,
+                                                                                      upstream):
+    """A fine-tuning job or an Assistants run would be billed one call's estimate for hours of work."""
+    r = await call("/openai" + path, "POST", json=body, token=token("jobs@example.com"))
+    assert r.code == 400 and orjson.loads(r.body)["message"].startswith(f"OpenAI endpoint {path} is not supported")
+    background = await call("/openai/v1/responses", "POST", json={"model": "o4-mini", "input": "hi", "background": True},
+                            token=token("jobs@example.com"))
+    assert background.code == 400 and orjson.loads(background.body)["message"].startswith("Background responses")
+    assert upstream.state.requests == [] and await spent(gateway, "jobs@example.com") == 0
 
 
 @pytest.mark.gen_test

@@ -59,7 +59,11 @@ class ProviderCall(LeanCall, Relay):
             except UnicodeDecodeError:
                 raise ApiError(400, INVALID_URL) from None
             raise ApiError(404, f"Unknown provider: {name}")
-        return kwargs["gateway"].identify(request.headers, token_headers=PROVIDERS[route].token_headers)
+        provider, headers = PROVIDERS[route], request.headers
+        for header in ("Content-Type", *provider.token_headers):  # what prices the call, and who pays for it
+            if len(headers.get_list(header)) > 1:  # Tornado would join them; the provider might read either one
+                raise ApiError(400, f"{header} may be sent only once")
+        return kwargs["gateway"].identify(headers, token_headers=provider.token_headers)
 
     async def call(self, name: str, path: str) -> None:
         """Relay the call (its caller was identified by check_headers) on the path exactly as the client wrote it."""

@@ -42,14 +42,14 @@ class Anthropic(Provider):
             return  # listing models, reading a batch's results
         if BATCHES.fullmatch(call.path):
             raise ApiError(400, NOT_BATCHED)
+        if call.path != MESSAGES and call.path not in FREE_POST:
+            raise ApiError(400, f"Anthropic endpoint {call.path} is not supported here")
         model = call.body_model()
+        if not model:  # count_tokens too: model rules apply to every call naming a model
+            raise ApiError(400, MISSING_MODEL)
         if call.path in FREE_POST:
             call.model = model
             return
-        if call.path != MESSAGES:
-            raise ApiError(400, f"Anthropic endpoint {call.path} is not supported here")
-        if not model:
-            raise ApiError(400, MISSING_MODEL)
         price = require_price(call, gateway.prices.lookup("anthropic", model), model)
         set_hold(call, price, gateway.default_hold, self._searches_held(call.data, price, gateway.default_hold),
                  gateway.config.get("limits.default_max_output_tokens"))
@@ -76,22 +76,33 @@ class Anthropic(Provider):
         if not isinstance(obj, dict):
             return None
         u = obj.get("usage")
-        if not isinstance(u, dict) and isinstance(obj.get("message"), dict):
-            u = obj["message"].get("usage")
-        return anthropic_usage(u) if isinstance(u, dict) else None
+        if isinstance(u, dict):
+            return anthropic_usage(u)
+        message = obj.get("message")
+        u = message.get("usage") if isinstance(message, dict) else None
+        if not isinstance(u, dict):
+            return None
+        usage = anthropic_usage(u)
+        usage.partial = True  # message_start: the output count comes in message_delta
+        return usage
 
     def combine_usage(self, earlier: Usage | None, later: Usage) -> Usage:
         """Each count at the largest figure any event gave: message_delta's counts are cumulative, and it may
         leave out (or, in older API versions, never give) what message_start reported."""
         if earlier is None:
             return later
+        # message_delta gives cache writes as one total, without the 5-minute / 1-hour split of message_start
+        written = max(earlier.cache_write_tokens + earlier.cache_write_1h_tokens,
+                      later.cache_write_tokens + later.cache_write_1h_tokens)
+        written_1h = min(max(earlier.cache_write_1h_tokens, later.cache_write_1h_tokens), written)
         return Usage(
             input_tokens=max(earlier.input_tokens, later.input_tokens),
             output_tokens=max(earlier.output_tokens, later.output_tokens),
             cached_tokens=max(earlier.cached_tokens, later.cached_tokens),
-            cache_write_tokens=max(earlier.cache_write_tokens, later.cache_write_tokens),
-            cache_write_1h_tokens=max(earlier.cache_write_1h_tokens, later.cache_write_1h_tokens),
+            cache_write_tokens=written - written_1h,
+            cache_write_1h_tokens=written_1h,
             web_searches=max(earlier.web_searches, later.web_searches),
+            partial=earlier.partial and later.partial,
         )
 
 

@@ -20,7 +20,7 @@ FORWARD_REQUEST_HEADERS = frozenset({
 })
 FORWARD_REQUEST_PREFIXES = ("x-stainless-",)  # the official SDKs' platform and retry headers
 NO_BODY_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")
-MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")  # the first one set counts
+MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 MAX_CHOICES = 128  # more answers than this per call (n, candidateCount) no provider grants; a bigger n holds this many
 DEFAULT_MAX_OUTPUT = 32768  # limits.default_max_output_tokens' default (see config.SETTINGS)
 MISSING_MODEL = "Pass a JSON body with {model} so we can calculate cost"
@@ -37,6 +37,7 @@ class Call:
     body: bytes
     data: Any = None  # the parsed JSON body, when there is one
     model: str = ""
+    fallback_models: tuple[str, ...] = ()  # other models the provider may run the call on (OpenRouter's `models`)
     price: Price | None = None
     billable: bool = False
     hold: float = 0.0  # USD held against the budget while the call runs
@@ -61,14 +62,20 @@ class Call:
         values = args.get(name) or [b""]
         return values[0].decode("utf-8", "replace")
 
+    @property
+    def media_type(self) -> str:
+        """The body's media type, as the provider will read it: `application/json` of
+        `Application/JSON; charset=utf-8` (the call's one Content-Type: ProviderCall refuses two)."""
+        return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
     def body_model(self) -> str:
         """The model named in a JSON or multipart body."""
-        ctype = self.headers.get("Content-Type", "").lower()
-        if "json" in ctype:
+        media = self.media_type
+        if media == "application/json" or media.endswith("+json"):
             data = self.json()
             model = data.get("model") if isinstance(data, dict) else None
             return model if isinstance(model, str) else ""
-        if "multipart/form-data" in ctype or "x-www-form-urlencoded" in ctype:
+        if media in ("multipart/form-data", "application/x-www-form-urlencoded"):
             return self.form_field("model")
         return ""
 
@@ -77,13 +84,14 @@ class Call:
         data = self.data
         if not isinstance(data, dict):
             return 0
+        most = 0  # the largest of the spellings: a provider may heed another one than the gateway would
         for name in MAX_TOKENS_FIELDS:
             v = data.get(name)
-            if v.__class__ is int and v > 0:  # bool, a subclass of int, is not a count
-                return v
+            if v.__class__ is int and v > most:  # bool, a subclass of int, is not a count
+                most = v
         cfg = data.get("generationConfig")
         v = cfg.get("maxOutputTokens") if isinstance(cfg, dict) else None
-        return v if v.__class__ is int and v > 0 else 0
+        return v if v.__class__ is int and v > most else most
 
     def choices(self) -> int:
         """How many answers the request asks for: `n` (OpenAI style) or Gemini's candidateCount, 1 to MAX_CHOICES."""
@@ -116,7 +124,7 @@ def set_hold(call: Call, price: Price, default_hold: float, fixed: float = 0.0,
     Input the body does not carry as text (an uploaded audio file, minutes of audio) cannot be
     bounded from the request: such calls hold `default_hold` more.
     """
-    text_body = "multipart/" not in call.headers.get("Content-Type", "").lower()  # a form's parts are files
+    text_body = not call.media_type.startswith("multipart/")  # a form's parts are files
     body_bytes = len(call.body) if text_body else 0
     if price.long is not None and body_bytes > price.long_above:  # may be a long prompt, at its own price
         price = price.long

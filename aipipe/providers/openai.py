@@ -14,6 +14,14 @@ FREE_POST = re.compile(
     r"/v1/(?:files(?:/[^/]+)?|uploads(?:/[^/]+/(?:parts|complete|cancel))?|moderations"
     r"|(?:batches|responses|fine_tuning/jobs|vector_stores/[^/]+/file_batches|threads/[^/]+/runs)/[^/]+/cancel"
     r"|fine_tuning/jobs/[^/]+/(?:pause|resume))")
+# POSTs priced from the answer's usage (or from the request, for speech and images): the call is over when its
+# answer is. Work that goes on after the answer (fine-tuning jobs, Assistants runs, background responses,
+# realtime sessions with their own client keys) would be billed one call's estimate for hours of it: refused.
+PRICED_POST = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/audio/speech",
+    "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/generations", "/v1/images/edits",
+    "/v1/images/variations",
+})
 
 
 class OpenAI(Provider):
@@ -29,11 +37,17 @@ class OpenAI(Provider):
         """Require a priced model on every paid call; ask chat streams to report usage."""
         if call.method in NO_BODY_METHODS or FREE_POST.fullmatch(call.path) is not None:
             return
+        if call.path.rstrip("/") not in PRICED_POST:
+            raise ApiError(400, f"OpenAI endpoint {call.path} is not supported here: only calls that are over when "
+                                "their answer is can be priced")
         model = call.body_model()
         if not model:
             raise ApiError(400, MISSING_MODEL)
         price = require_price(call, gateway.prices.lookup("openai", model), model)
         data = call.data if isinstance(call.data, dict) else {}
+        if data.get("background") is True:  # the answer comes back before the work (and its usage) is done
+            raise ApiError(400, "Background responses are not supported here: their usage is known only after "
+                                "the call has ended")
         set_hold(call, price, gateway.default_hold, self._fixed_cost(call, data),
                  gateway.config.get("limits.default_max_output_tokens"))
         if data.get("stream") is True and call.path.endswith("/chat/completions"):

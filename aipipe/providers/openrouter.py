@@ -14,6 +14,7 @@ from ..usage import Usage
 from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price, set_hold
 
 log = logging.getLogger("aipipe.openrouter")
+MAX_FALLBACKS = 16  # models one call may name for OpenRouter to fall back on
 
 
 def price_from_pricing(pricing: dict, model: dict | None = None) -> Price:
@@ -102,11 +103,35 @@ class OpenRouter(Provider):
         if not model:
             raise ApiError(400, MISSING_MODEL)
         catalog = self.catalog(gateway)
-        price = await catalog.price(model)
-        if price is None and ":" in model:  # routing suffixes such as :nitro price like the base model
-            price = await catalog.price(model.split(":", 1)[0])
-        set_hold(call, require_price(call, price, model), gateway.default_hold, 0.0,
-                 gateway.config.get("limits.default_max_output_tokens"))
+        # OpenRouter runs the call on the first of `models` that answers when the model fails: each must be priced
+        # (and allowed the user), and the call is held at the dearest of them
+        candidates = [model, *(m for m in self._fallbacks(call.data) if m != model)]
+        prices = {}
+        for name in candidates:
+            price = await catalog.price(name)
+            if price is None and ":" in name:  # routing suffixes such as :nitro price like the base model
+                price = await catalog.price(name.split(":", 1)[0])
+            if price is None:
+                raise ApiError(400, f"Model {name} pricing unknown")
+            prices[name] = price
+        require_price(call, prices[model], model)
+        call.fallback_models, call.extra["prices"] = tuple(candidates[1:]), prices
+        holds = []
+        for price in prices.values():
+            set_hold(call, price, gateway.default_hold, 0.0, gateway.config.get("limits.default_max_output_tokens"))
+            holds.append((call.hold, call.fallback_cost, call.input_estimate))
+        call.hold, call.fallback_cost, call.input_estimate = max(holds)
+
+    @staticmethod
+    def _fallbacks(data) -> list[str]:
+        """The body's `models` (fallbacks), checked: a list of at most MAX_FALLBACKS model names."""
+        models = data.get("models") if isinstance(data, dict) else None
+        if models is None:
+            return []
+        if (not isinstance(models, list) or len(models) > MAX_FALLBACKS
+                or not all(isinstance(m, str) and m for m in models)):
+            raise ApiError(400, f"models must be a list of at most {MAX_FALLBACKS} model names")
+        return list(dict.fromkeys(models))
 
     def catalog(self, gateway) -> ModelCatalog:
         """The gateway's copy of OpenRouter's model price list."""
@@ -117,10 +142,14 @@ class OpenRouter(Provider):
         return gateway.provider_state(self.name, make)
 
     def cost(self, call: Call, usage: Usage) -> float:
-        """OpenRouter's own usage.cost when it reports one, else tokens at the listed price."""
+        """OpenRouter's own usage.cost when it reports one, else tokens at the listed price of the model that
+        answered (the dearest of the call's models when the answer does not say which)."""
         if usage.cost is not None:
             return usage.cost
-        return cost_of(call.price, usage) if call.price else 0.0
+        prices = call.extra.get("prices") or ({call.model: call.price} if call.price else {})
+        if usage.model in prices:
+            return cost_of(prices[usage.model], usage)
+        return max((cost_of(price, usage) for price in prices.values()), default=0.0)
 
 
 PROVIDER = OpenRouter()
