@@ -412,3 +412,27 @@ async def test_the_largest_max_tokens_spelling_is_held(make_gateway, serve, call
     body = chat("openai/gpt-4o-mini", max_completion_tokens=1, max_tokens=100_000)  # $0.06 of output at most
     r = await call(url + "/openrouter/v1/chat/completions", "POST", json=body, token=token("spell@example.com"))
     assert r.code == 429 and "could cost up to" in message(r)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("route,body,tool", [
+    ("/openai/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "web_search"}]}, "web_search"),
+    ("/openai/v1/responses", {"model": "gpt-4o-mini", "input": "hi",
+                              "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "code_interpreter"),
+    ("/openai/v1/responses", {"model": "gpt-4o-mini", "input": "hi",
+                              "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "file_search"),
+    ("/openai/v1/chat/completions", chat(web_search_options={}), "web_search_options"),
+    ("/geminiv1beta/models/gemini-2.5-flash:generateContent",
+     {"contents": [{"parts": [{"text": "hi"}]}], "tools": [{"google_search": {}}]}, "google_search"),
+    ("/geminiv1beta/models/gemini-2.5-flash:streamGenerateContent",
+     {"contents": [{"parts": [{"text": "hi"}]}], "tools": [{"googleSearchRetrieval": {}}]}, "googleSearchRetrieval"),
+    ("/anthropic/v1/messages", messages_body(tools=[{"type": "code_execution_20250825", "name": "code_execution"}]),
+     "code_execution_20250825"),
+])
+async def test_tools_charged_beyond_tokens_at_unknown_prices_are_refused(route, body, tool, gateway, upstream, call):
+    r = await call(route, "POST", json=body, token=token("tools@example.com"))
+    assert r.code == 400 and message(r) == f"Tool {tool} is not supported here: what the provider charges for it is not priced"
+    assert upstream.state.requests == []
+    function = await call("/openai/v1/responses", "POST", token=token("tools@example.com"), json={
+        "model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]})
+    assert function.code == 200  # tools the app runs itself cost tokens only

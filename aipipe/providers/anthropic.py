@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ApiError
 from ..usage import Usage, count
-from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price, set_hold
+from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, refuse_unpriced_tools, require_price, set_hold
 
 MESSAGES = "/v1/messages"
 FREE_POST = frozenset({"/v1/messages/count_tokens"})  # names a model (so model rules apply) but costs nothing
@@ -18,6 +18,7 @@ BATCHES = re.compile(r"/v1/messages/batches(?:/.*)?")
 NOT_BATCHED = ("Message batches are not supported here: each request is priced and admitted as it runs, "
                "so send them to /v1/messages one by one")
 DEFAULT_WEB_SEARCHES = 10  # searches held for a web_search tool that names no max_uses
+HOSTED_TOOLS = ("code_execution",)  # charged by container hour, beyond tokens (web search is priced: per_web_search)
 
 
 class Anthropic(Provider):
@@ -51,6 +52,7 @@ class Anthropic(Provider):
             call.model = model
             return
         price = require_price(call, gateway.prices.lookup("anthropic", model), model)
+        refuse_unpriced_tools(call.data, HOSTED_TOOLS)
         set_hold(call, price, gateway.default_hold, self._searches_held(call.data, price, gateway.default_hold),
                  gateway.config.get("limits.default_max_output_tokens"))
 

@@ -105,6 +105,20 @@ class Call:
         return min(v, MAX_CHOICES) if v.__class__ is int and v > 1 else 1
 
 
+def refuse_unpriced_tools(data: Any, hosted: tuple[str, ...]) -> None:
+    """400 when the body asks for a tool the provider runs and bills per use, beyond tokens, at a price AI Pipe does
+    not know (web search, code containers, ...): such a call would be partly free. `hosted` are the tools' type
+    prefixes (OpenAI, Anthropic: {"type": ...}) or keys (Gemini: {"google_search": {}})."""
+    tools = data.get("tools") if isinstance(data, dict) else None
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict):
+            continue
+        names = [tool["type"]] if isinstance(tool.get("type"), str) else list(tool)
+        for name in names:
+            if isinstance(name, str) and name.startswith(hosted):
+                raise ApiError(400, f"Tool {name} is not supported here: what the provider charges for it is not priced")
+
+
 def require_price(call: Call, price: Price | None, model: str) -> Price:
     """The price, or 400 `Model X pricing unknown` before anything goes upstream."""
     if price is None:

@@ -10,13 +10,15 @@ import orjson
 from ..errors import ApiError
 from ..pricing import cost_of
 from ..usage import Usage, read_usage
-from .base import NO_BODY_METHODS, Call, Provider, require_price, set_hold
+from .base import NO_BODY_METHODS, Call, Provider, refuse_unpriced_tools, require_price, set_hold
 
 # Google runs (and bills) the model in the path; a `model` in the body is never consulted.
 MODEL_ACTION = re.compile(r"^/models/([A-Za-z0-9._-]+):([A-Za-z]+)$")
 GENERATE = frozenset({"generateContent", "streamGenerateContent"})
 EMBED = frozenset({"embedContent", "batchEmbedContents"})
 FREE = frozenset({"countTokens"})
+# Grounding with Google Search or Maps is charged per prompt, beyond tokens (both spellings of the keys are accepted)
+HOSTED_TOOLS = ("google_search", "googleSearch", "google_maps", "googleMaps")
 CHARS_PER_TOKEN = 4  # Google's rule of thumb; embeddings report no usage, so their input is estimated
 
 
@@ -83,6 +85,7 @@ class Gemini(Provider):
             raise ApiError(400, f"Gemini method {action} is not supported here")
         price = require_price(call, gateway.prices.lookup("gemini", model), model)
         call.data = _loads(call.body)
+        refuse_unpriced_tools(call.data, HOSTED_TOOLS)
         if action in EMBED:
             tokens = embed_tokens(call.data, call.body)
             call.extra["embed_tokens"] = tokens

@@ -6,7 +6,7 @@ import re
 import orjson
 
 from ..errors import ApiError
-from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price, set_hold
+from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, refuse_unpriced_tools, require_price, set_hold
 
 # POSTs that cost nothing and name no model, matched whole against the path as sent (aipipe/request_path.py
 # keeps that path plain): any other POST is priced, so an unexpected spelling costs money, never the reverse.
@@ -14,6 +14,8 @@ FREE_POST = re.compile(
     r"/v1/(?:files(?:/[^/]+)?|uploads(?:/[^/]+/(?:parts|complete|cancel))?|moderations"
     r"|(?:batches|responses|fine_tuning/jobs|vector_stores/[^/]+/file_batches|threads/[^/]+/runs)/[^/]+/cancel"
     r"|fine_tuning/jobs/[^/]+/(?:pause|resume))")
+# Tools OpenAI runs and charges per call or per container, beyond tokens (the Responses API's built-in tools)
+HOSTED_TOOLS = ("web_search", "file_search", "code_interpreter", "image_generation")
 # POSTs priced from the answer's usage (or from the request, for speech and images): the call is over when its
 # answer is. Work that goes on after the answer (fine-tuning jobs, Assistants runs, background responses,
 # realtime sessions with their own client keys) would be billed one call's estimate for hours of it: refused.
@@ -48,6 +50,10 @@ class OpenAI(Provider):
         if data.get("background") is True:  # the answer comes back before the work (and its usage) is done
             raise ApiError(400, "Background responses are not supported here: their usage is known only after "
                                 "the call has ended")
+        refuse_unpriced_tools(data, HOSTED_TOOLS)
+        if "web_search_options" in data:  # chat completions' search, charged per call
+            raise ApiError(400, "Tool web_search_options is not supported here: what the provider charges for it is "
+                                "not priced")
         set_hold(call, price, gateway.default_hold, self._fixed_cost(call, data),
                  gateway.config.get("limits.default_max_output_tokens"))
         if data.get("stream") is True and call.path.endswith("/chat/completions"):
