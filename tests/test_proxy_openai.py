@@ -292,3 +292,18 @@ async def test_missing_operator_key_is_503(make_gateway, serve, call, upstream):
     url = serve(await make_gateway(env={"OPENAI_API_KEY": ""}))
     r = await call(url + "/openai/v1/models", token=token("a@example.com"))
     assert r.code == 503 and message(r) == "openai is not configured on this server"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("model,extra,each", [
+    ("dall-e-3", {}, 0.04), ("dall-e-3", {"quality": "hd", "size": "1792x1024"}, 0.12),
+    ("dall-e-3", {"quality": "standard", "size": "1024x1792"}, 0.08), ("dall-e-3", {"size": "4096x4096"}, 0.12),
+    ("dall-e-2", {"size": "256x256", "n": 3}, 0.016), ("dall-e-2", {"quality": ["hd"]}, 0.02),
+])
+async def test_images_are_billed_by_quality_and_size_and_an_unknown_one_at_the_dearest(model, extra, each, call, gateway,
+                                                                                      upstream):
+    r = await call("/openai/v1/images/generations", "POST", json={"model": model, "prompt": "a cat", **extra},
+                   token=token("draw@example.com"))
+    assert r.code == 200
+    n = extra.get("n", 1)
+    assert await spent(gateway, "draw@example.com") == pytest.approx(each * n, abs=1e-9)

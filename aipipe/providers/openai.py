@@ -54,7 +54,7 @@ class OpenAI(Provider):
         if "web_search_options" in data:  # chat completions' search, charged per call
             raise ApiError(400, "Tool web_search_options is not supported here: what the provider charges for it is "
                                 "not priced")
-        set_hold(call, price, gateway.default_hold, self._fixed_cost(call, data),
+        set_hold(call, price, gateway.default_hold, self._fixed_cost(call, data, gateway.prices),
                  gateway.config.get("limits.default_max_output_tokens"))
         if data.get("stream") is True and call.path.endswith("/chat/completions"):
             options = data.get("stream_options") if isinstance(data.get("stream_options"), dict) else {}
@@ -64,14 +64,18 @@ class OpenAI(Provider):
                 call.strip_usage_chunk = True
 
     @staticmethod
-    def _fixed_cost(call: Call, data: dict) -> float:
-        """Costs the answer will not report: characters spoken, images drawn."""
+    def _fixed_cost(call: Call, data: dict, prices) -> float:
+        """Costs the answer will not report: characters spoken, images drawn (priced by quality and size: an image
+        of a quality or size the table does not list costs the model's dearest)."""
         price = call.price
         if price.per_million_chars and isinstance(data.get("input"), str):
             return len(data["input"]) * price.per_million_chars / 1e6
         if price.per_image:
+            quality, size = data.get("quality", "standard"), data.get("size", "1024x1024")
+            variant = prices.lookup("openai", f"{call.model} {quality} {size}") if isinstance(quality, str) and \
+                isinstance(size, str) else None
             n = data.get("n", 1)
-            return price.per_image * (n if isinstance(n, int) and 0 < n <= 10 else 1)
+            return (variant or price).per_image * (n if isinstance(n, int) and 0 < n <= 10 else 1)
         return 0.0
 
 
