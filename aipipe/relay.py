@@ -56,6 +56,9 @@ class Relay:
         self.provider, self.provider_name = provider, provider.name
         await provider.prepare(call, gw)
         native = identity.is_native
+        if not native and provider.lists_shared_objects(call) and not gw.is_admin(identity.email):
+            raise ApiError(403, f"Listing {call.path} is for admins: what is stored on the provider account is "
+                                "shared by every user of this server")
         admission = None
         if not native:  # a provider key passed through is the caller's own: no rules, no budget, no ledger
             key = gw.provider_key(provider.name)

@@ -436,3 +436,20 @@ async def test_tools_charged_beyond_tokens_at_unknown_prices_are_refused(route, 
     function = await call("/openai/v1/responses", "POST", token=token("tools@example.com"), json={
         "model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]})
     assert function.code == 200  # tools the app runs itself cost tokens only
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("route", ["/openai/v1/files", "/openai/v1/files/", "/openai/v1/batches",
+                                   "/openai/v1/vector_stores", "/openai/v1/chat/completions",
+                                   "/anthropic/v1/files", "/anthropic/v1/messages/batches", "/geminiv1beta/files",
+                                   "/geminiv1beta/cachedContents"])
+async def test_what_is_stored_on_the_shared_account_is_listed_only_to_admins(route, gateway, upstream, call):
+    """Every user's uploads land on the operator's one account: a list would hand their ids to everyone."""
+    r = await call(route, token=token("nosy@example.com"))
+    assert r.code == 403 and message(r).startswith(f"Listing {route.split('/', 2)[2].join(['/', ''])} is for admins")
+    assert upstream.state.requests == []
+    admin = await call(route, token=token("admin@example.com"))
+    assert admin.code != 403 and len(upstream.state.requests) == 1  # sent on (the fake may not serve it)
+    one = await call("/openai/v1/files/file-abc", token=token("nosy@example.com"))  # by its id: whoever holds it
+    models = await call("/anthropic/v1/models", token=token("nosy@example.com"))
+    assert one.code == 200 and models.code == 200

@@ -62,7 +62,7 @@ async def test_unexpected_failure_is_500_json_logged_and_the_server_goes_on(call
 
 @pytest.mark.gen_test
 async def test_head_call_is_relayed_without_a_body(call, gateway, upstream):
-    r = await call("/openai/v1/files", "HEAD", token=token("head@example.com"))
+    r = await call("/openai/v1/files/file-abc", "HEAD", token=token("head@example.com"))
     assert r.code == 200 and r.body == b"" and r.headers["Content-Type"] == "application/json"
     assert upstream.state.requests[-1]["method"] == "HEAD"
     assert r.headers["Access-Control-Allow-Origin"] == "*"

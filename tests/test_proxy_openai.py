@@ -166,7 +166,7 @@ async def test_invalid_json_body_is_400_not_500(call, gateway, upstream):
 
 @pytest.mark.gen_test
 async def test_request_headers_go_upstream_on_an_allow_list(call, gateway, upstream):
-    t = token("h@example.com")
+    t = token("admin@example.com")  # listing the account's files is for admins
     r = await call("/openai/v1/files?purpose=batch&limit=2", "GET", token=t, headers={
         "Cookie": "session=1", "Origin": "https://app.example", "Referer": "https://app.example/page",
         "OpenAI-Organization": "org-evil", "OpenAI-Project": "proj-evil", "OpenAI-Beta": "assistants=v2",

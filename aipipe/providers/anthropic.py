@@ -31,6 +31,7 @@ class Anthropic(Provider):
     forwarded = frozenset({"anthropic-version", "anthropic-beta", "anthropic-dangerous-direct-browser-access"})
     default_headers = {"anthropic-version": "2023-06-01"}  # the API refuses a call without one
     token_headers = ("Authorization", "x-api-key")  # x-api-key is what the SDKs send
+    shared_listings = re.compile(r"/v1/(?:files|messages/batches|skills)/?")
     usage_in_parts = True  # message_start has the input and cache counts, message_delta the output so far
 
     def auth_headers(self, key: str) -> dict[str, str]:

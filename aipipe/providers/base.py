@@ -1,6 +1,7 @@
 """What every provider module provides, and the per-request record they fill in."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,9 +180,17 @@ class Provider:
     forwarded: frozenset[str] = frozenset()  # request headers (lower-case) sent on beyond FORWARD_REQUEST_HEADERS
     default_headers: dict[str, str] = {}  # sent upstream when the caller sent none
     token_headers: tuple[str, ...] = ("Authorization",)  # where callers may put their AI Pipe token, in order
+    # GET paths listing what is stored on the operator's account (files, batches, ...), which every user of the
+    # gateway shares: listing them would show one user's objects (and their ids, to read or delete) to all
+    shared_listings: re.Pattern | None = None
 
     def __init__(self) -> None:
         self._forwarding: dict[str, bool] = {}  # request header names (as Tornado spells them) seen -> forwarded?
+
+    def lists_shared_objects(self, call: Call) -> bool:
+        """Whether call lists objects stored on the operator's account (only admins may: see shared_listings)."""
+        listings = self.shared_listings
+        return listings is not None and call.method in ("GET", "HEAD") and listings.fullmatch(call.path) is not None
 
     def target_url(self, base_url: str, call: Call) -> str:
         """The upstream URL for call."""

@@ -55,6 +55,7 @@ class Gemini(Provider):
     key_env = "GEMINI_API_KEY"
     prefix = "/v1beta"
     token_headers = ("Authorization", "x-goog-api-key")  # what Google's SDKs send
+    shared_listings = re.compile(r"/(?:files|cachedContents|batches|tunedModels|fileSearchStores)/?")
 
     def target_url(self, base_url: str, call: Call) -> str:
         """The upstream URL, without any ?key= (the server key travels in x-goog-api-key)."""

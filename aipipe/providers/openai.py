@@ -34,6 +34,9 @@ class OpenAI(Provider):
     default_base_url = "https://api.openai.com"
     key_env = "OPENAI_API_KEY"
     forwarded = frozenset({"openai-beta"})
+    shared_listings = re.compile(
+        r"/v1/(?:files|uploads|batches|vector_stores|fine_tuning/jobs|assistants|chat/completions|evals|containers"
+        r"|conversations|responses|threads|videos)/?")
 
     async def prepare(self, call: Call, gateway) -> None:
         """Require a priced model on every paid call; ask chat streams to report usage."""
