@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from dotenv import dotenv_values, set_key
 
 from .auth import MIN_SECRET_BYTES, mint_token
 from .budget import today_utc, window_start
+from .rules import BudgetRules
 from . import logs, systemd
 from .config import KEY_ENV, Config, ConfigError, example_settings_toml, load_config
 from .storage import StoreConfigError, make_store, mask_url, open_store, sqlite_path, url_scheme
@@ -122,8 +124,21 @@ def cmd_token(args) -> int:
     if args.expires_in is not None and not (math.isfinite(args.expires_in) and args.expires_in > 0):
         raise ConfigError("--expires-in must be a positive number of seconds")
     config = _config(args, need_secret=True)
+
+    async def work(store):  # recorded before the token exists, as the admin API does
+        await store.add_audit(cli_admin(), "token.mint", email,
+                              {"expires_in": args.expires_in} if args.expires_in else {}, time.time())
+    _with_store(config, work)
     print(mint_token(email, config.secret, config.salt_for(email), args.expires_in))
     return 0
+
+
+def cli_admin() -> str:
+    """Who made a change from the command line, for the audit trail: cli:<the system user>."""
+    try:
+        return "cli:" + getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container, say)
+        return f"cli:uid {os.getuid()}"
 
 
 def cmd_usage(args) -> int:
@@ -132,7 +147,9 @@ def cmd_usage(args) -> int:
 
     async def work(store):
         if args.email:
-            budget = config.budget_for(args.email)
+            rules = BudgetRules(config, store)  # the file's rules with those set at runtime on top
+            await rules.load()
+            budget = rules.budget_for(args.email)
             since = window_start(budget, today_utc())
             rows = await store.daily_usage(args.email.lower(), since)
             return {"email": args.email.lower(), "limit": budget.limit, "cost": sum(c for _, c in rows),
@@ -159,6 +176,8 @@ def cmd_set_cost(args) -> int:
 
     async def work(store):
         await store.set_cost(email, day, args.cost, time.time())
+        await store.add_audit(cli_admin(), "cost.set", email, {"date": day.isoformat(), "cost": float(args.cost)},
+                              time.time())
     _with_store(config, work)
     print(f"Cost for {email} on {day.isoformat()} set to {args.cost}")
     return 0

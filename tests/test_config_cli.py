@@ -285,3 +285,31 @@ def test_log_format_from_the_config_and_the_command_line_winning(tmp_path):
     assert re.fullmatch(rf"\S+Z ERROR aipipe: cannot listen on 127\.0\.0\.1:{port}: .*\n", as_text.stderr)
     r = run("serve", "--log-format", "json", "--config", "missing.toml", cwd=tmp_path, env={"AIPIPE_SECRET": "x" * 32})
     assert r.returncode == 1 and json.loads(r.stderr)["message"] == "config file missing.toml not found"
+
+
+def test_tokens_and_costs_set_from_the_command_line_are_audited_and_usage_sees_runtime_rules(tmp_path):
+    import asyncio
+    import getpass
+
+    from aipipe.storage import open_store
+
+    env = {"AIPIPE_SECRET": "y" * 32}
+    assert run("token", "pat@example.com", "--expires-in", "3600", cwd=tmp_path, env=env).returncode == 0
+    assert run("set-cost", "pat@example.com", "2026-01-02", "0.25", cwd=tmp_path, env=env).returncode == 0
+
+    async def audit_and_set_a_rule():
+        store = await open_store(f"sqlite:///{tmp_path}/aipipe.db")
+        try:
+            rows = await store.audit()
+            await store.set_budget_rule({"match": "pat@example.com", **{"limit": 7.5, "days": 3, "period": None,
+                                                                       "models": []}}, "root@example.com", 0.0)
+            return rows
+        finally:
+            await store.close()
+    rows = asyncio.run(audit_and_set_a_rule())
+    assert [(r["action"], r["target"], r["admin"]) for r in rows] == [
+        ("cost.set", "pat@example.com", f"cli:{getpass.getuser()}"),
+        ("token.mint", "pat@example.com", f"cli:{getpass.getuser()}")]
+    assert all("eyJ" not in str(r) for r in rows)  # the token itself is never recorded
+    usage = run("usage", "--email", "pat@example.com", cwd=tmp_path, env=env)
+    assert usage.returncode == 0 and '"limit": 7.5' in usage.stdout  # the database's rule, not the file's 0
