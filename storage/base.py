@@ -288,3 +288,20 @@ def usage_filter(email, since, until, mark=lambda i: "?", dates_as_text: bool = 
             args.append(value)
             clauses.append(f"{column} {op} {mark(len(args))}")
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
+
+
+def users_summary_tail(money_sum: str, greatest: str) -> tuple[str, dict[str, str]]:
+    """The part of the users summary both backends write alike, given the SQL for summing money and for the larger
+    of two numbers: from the CTEs `windows` (email, since, lim), `days` and `calls` on, and the sort columns."""
+    sql = f"""    spend AS (SELECT w.email, {money_sum} AS spent FROM windows w
+        JOIN days x ON x.email = w.email AND x.date >= w.since GROUP BY w.email),
+    counted AS (SELECT w.email, COUNT(*) AS requests, MAX(c.ts) AS last_call FROM windows w
+        JOIN calls c ON c.email = w.email AND c.date >= w.since GROUP BY w.email),
+    summary AS (SELECT w.email, w.lim AS lim, COALESCE(sp.spent, 0.0) AS spent, COALESCE(n.requests, 0) AS requests,
+            n.last_call FROM windows w LEFT JOIN spend sp ON sp.email = w.email LEFT JOIN counted n ON n.email = w.email
+        WHERE sp.email IS NOT NULL OR n.email IS NOT NULL)
+    SELECT email, lim, spent, requests, last_call, COUNT(*) OVER () FROM summary"""
+    order = {"email": "email", "spent": "spent", "limit": "lim", "remaining": f"{greatest}(lim - spent, 0.0)",
+             "share": "CASE WHEN lim > 0 THEN spent / lim WHEN spent > 0 THEN 1.0 ELSE 0.0 END",
+             "requests": "requests", "last_call": "COALESCE(last_call, 0)"}
+    return sql, order

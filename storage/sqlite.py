@@ -18,7 +18,8 @@ import aiosqlite
 
 from ..budget import RATE_WINDOW, UserState, add_hold, decide_batch
 from .base import (ADJUSTMENTS, Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable,  # noqa: F401
-                   UsersQuery, audit_row, budget_detail, charge_row, model_row, rule_row, usage_filter, user_row)
+                   UsersQuery, audit_row, budget_detail, charge_row, model_row, rule_row, usage_filter, user_row,
+                   users_summary_tail)
 
 MIGRATIONS = (
     """
@@ -71,17 +72,9 @@ USERS = """WITH rules AS (SELECT json_extract(value, '$[0]') AS match, json_extr
         FROM people p LEFT JOIN rules e ON e.match = p.low
         LEFT JOIN rules d ON d.match = '@' || substr(p.low, length(rtrim(p.low, replace(p.low, '@', ''))) + 1)
         LEFT JOIN rules s ON s.match = '*' WHERE instr(p.low, ?4) > 0),
-    spend AS (SELECT w.email, SUM(x.cost) AS spent FROM windows w JOIN days x ON x.email = w.email AND x.date >= w.since
-        GROUP BY w.email),
-    counted AS (SELECT w.email, COUNT(*) AS requests, MAX(c.ts) AS last_call FROM windows w
-        JOIN calls c ON c.email = w.email AND c.date >= w.since GROUP BY w.email),
-    summary AS (SELECT w.email, w.lim AS lim, COALESCE(sp.spent, 0.0) AS spent, COALESCE(n.requests, 0) AS requests,
-            n.last_call FROM windows w LEFT JOIN spend sp ON sp.email = w.email LEFT JOIN counted n ON n.email = w.email
-        WHERE sp.email IS NOT NULL OR n.email IS NOT NULL)
-    SELECT email, lim, spent, requests, last_call, COUNT(*) OVER () FROM summary"""
-USER_ORDER = {"email": "email", "spent": "spent", "limit": "lim", "remaining": "MAX(lim - spent, 0.0)",
-              "share": "CASE WHEN lim > 0 THEN spent / lim WHEN spent > 0 THEN 1.0 ELSE 0.0 END",
-              "requests": "requests", "last_call": "COALESCE(last_call, 0)"}
+"""  # the rest, alike on both backends:
+USERS_TAIL, USER_ORDER = users_summary_tail("SUM(x.cost)", "MAX")
+USERS += USERS_TAIL
 
 
 def ledger_row(c: Charge) -> tuple:
