@@ -1,70 +1,13 @@
 // /playground: a conversation with any configured provider, streamed and stoppable, each answer with its cost,
 // and the request it makes as code to paste.
 import { api, clearError, copyButton, requireProfile, send, showError, usageLine, usd } from "/static/app.js";
+import { FORMATS, readAnswer } from "/static/chat_formats.js";
+import { WRITERS } from "/static/show_code.js";
 
 const $ = (id) => document.getElementById(id);
-const BASE = document.body.dataset.baseUrl;
 const SAVED = "aipipe-playground"; // localStorage: the last provider, each provider's model, system prompt, settings
 const SETTLE_TRIES = 20; // /usage polls (about 15 s in all) while a call's charge is still being written
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-const geminiText = (b) => (b.candidates?.[0]?.content?.parts || []).filter((p) => !p.thought).map((p) => p.text || "").join("");
-
-// What each provider's chat API looks like: where a chat goes, how its token and body are sent, where the text is.
-const OPENAI = {
-  path: (s) => `/${s.route}/v1/chat/completions`,
-  tokenHeader: "Authorization",
-  headers: {},
-  maxField: "max_completion_tokens", // OpenAI's reasoning models refuse max_tokens
-  body(s, messages, stream) {
-    const body = { model: s.model, messages: s.system ? [{ role: "system", content: s.system }, ...messages] : messages };
-    body[this.maxField] = s.maxTokens;
-    if (s.temperature !== null) body.temperature = s.temperature;
-    if (stream) body.stream = true;
-    return body;
-  },
-  delta: (e) => e.choices?.[0]?.delta?.content,
-  whole: (b) => b.choices?.[0]?.message?.content,
-  error: (e) => e.error,
-  answerPath: ".choices[0].message.content",
-};
-const FORMATS = {
-  openai: OPENAI,
-  openrouter: { ...OPENAI, maxField: "max_tokens" },
-  gemini: {
-    path: (s, stream) => `/${s.route}/models/${s.model.replace(/^models\//, "")}:${stream ? "streamGenerateContent?alt=sse" : "generateContent"}`,
-    tokenHeader: "x-goog-api-key",
-    headers: {},
-    body(s, messages) {
-      const body = { contents: messages.map((m) => ({ role: m.role === "assistant" ? "model" : "user", parts: [{ text: m.content }] })) };
-      if (s.system) body.systemInstruction = { parts: [{ text: s.system }] };
-      body.generationConfig = { maxOutputTokens: s.maxTokens };
-      if (s.temperature !== null) body.generationConfig.temperature = s.temperature;
-      return body;
-    },
-    delta: geminiText,
-    whole: geminiText,
-    error: (e) => e.error,
-    answerPath: ".candidates[0].content.parts[0].text",
-  },
-  anthropic: {
-    path: (s) => `/${s.route}/v1/messages`,
-    tokenHeader: "x-api-key",
-    headers: { "anthropic-version": "2023-06-01" },
-    body(s, messages, stream) {
-      const body = { model: s.model, max_tokens: s.maxTokens };
-      if (s.system) body.system = s.system;
-      body.messages = messages;
-      if (s.temperature !== null) body.temperature = s.temperature;
-      if (stream) body.stream = true;
-      return body;
-    },
-    delta: (e) => (e.type === "content_block_delta" ? e.delta?.text : ""),
-    whole: (b) => (b.content || []).map((c) => c.text || "").join(""),
-    error: (e) => (e.type === "error" ? e.error || {} : null),
-    answerPath: ".content[0].text",
-  },
-};
 
 let history = []; // the finished turns, [{role, content}], sent again with each new message
 let running = null; // the AbortController of the answer streaming now
@@ -138,37 +81,6 @@ function setCost(turn, text) {
     turn.append(line);
   }
   line.textContent = text;
-}
-
-/** Each data payload of a server-sent event stream, as JSON (named events carry their name in `type` too). */
-async function* sseEvents(response) {
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer = (buffer + value).replace(/\r\n/g, "\n");
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const lines = buffer.slice(0, cut).split("\n").filter((line) => line.startsWith("data:"));
-      buffer = buffer.slice(cut + 2);
-      const data = lines.map((line) => line.slice(5).trimStart()).join("\n");
-      if (data && data !== "[DONE]") yield JSON.parse(data);
-    }
-  }
-}
-
-/** Read an answer (a stream, or JSON when the provider sent one), calling onText with each piece of text. */
-async function readAnswer(response, format, onText) {
-  if (!(response.headers.get("Content-Type") || "").includes("event-stream")) {
-    return onText(format.whole(await response.json()) ?? "");
-  }
-  for await (const event of sseEvents(response)) {
-    const problem = format.error(event);
-    if (problem) throw new Error(problem.message || "the provider broke off the answer");
-    const text = format.delta(event);
-    if (text) onText(text);
-  }
 }
 
 /** What the call cost: its X-AIPipe-Cost when it has one, else the growth in spend once its hold is released
@@ -265,53 +177,6 @@ function newChat() {
 // "Show code": the next request (or the last one sent), as curl, Python or JavaScript.
 let language = "curl";
 
-function pyLiteral(value, indent = "") {
-  const inner = indent + "    ";
-  if (value === null || value === undefined) return "None";
-  if (typeof value === "boolean") return value ? "True" : "False";
-  if (typeof value !== "object") return JSON.stringify(value); // JSON strings and numbers read the same in Python
-  const items = Array.isArray(value)
-    ? value.map((v) => inner + pyLiteral(v, inner))
-    : Object.entries(value).map(([k, v]) => `${inner}${JSON.stringify(k)}: ${pyLiteral(v, inner)}`);
-  const [open, close] = Array.isArray(value) ? ["[", "]"] : ["{", "}"];
-  return items.length ? `${open}\n${items.join(",\n")},\n${indent}${close}` : open + close;
-}
-
-function python(s, format, body, token) {
-  const args = Object.entries(body).map(([k, v]) => `    ${k}=${pyLiteral(v, "    ")},`).join("\n");
-  if (s.format === "anthropic") {
-    return `import anthropic\n\nclient = anthropic.Anthropic(base_url="${BASE}/${s.route}", api_key="${token}")\n` +
-      `response = client.messages.create(\n${args}\n)\nprint(response${format.answerPath})\n`;
-  }
-  if (s.format === "gemini") {
-    const path = format.answerPath.replace(/\.(\w+)/g, '["$1"]');
-    return `import requests\n\nresponse = requests.post(\n    "${BASE}${format.path(s, false)}",\n` +
-      `    headers={"x-goog-api-key": "${token}"},\n    json=${pyLiteral(body, "    ")},\n)\n` +
-      `response.raise_for_status()\nprint(response.json()${path})\n`;
-  }
-  return `from openai import OpenAI\n\nclient = OpenAI(base_url="${BASE}/${s.route}/v1", api_key="${token}")\n` +
-    `response = client.chat.completions.create(\n${args}\n)\nprint(response${format.answerPath})\n`;
-}
-
-function curl(s, format, body, token) {
-  const auth = format.tokenHeader === "Authorization" ? `Authorization: Bearer ${token}` : `${format.tokenHeader}: ${token}`;
-  const headers = [auth, "Content-Type: application/json", ...Object.entries(format.headers).map(([k, v]) => `${k}: ${v}`)];
-  const json = JSON.stringify(body, null, 2).replace(/'/g, `'\\''`);
-  return `curl "${BASE}${format.path(s, false)}" \\\n${headers.map((h) => `  -H "${h}" \\\n`).join("")}  -d '${json}'\n`;
-}
-
-function javascript(s, format, body) {
-  const auth = format.tokenHeader === "Authorization" ? "Authorization: `Bearer ${token}`" : `"${format.tokenHeader}": token`;
-  const headers = [auth, '"Content-Type": "application/json"', ...Object.entries(format.headers).map(([k, v]) => `"${k}": "${v}"`)];
-  const json = JSON.stringify(body, null, 2).replace(/\n/g, "\n    ");
-  return `<script type="module">\n  import { getProfile } from "${BASE}/aipipe.js";\n\n` +
-    "  const { token } = getProfile();\n" +
-    `  if (!token) window.location = \`${BASE}/login?redirect=\${window.location.href}\`;\n\n` +
-    `  const response = await fetch("${BASE}${format.path(s, false)}", {\n    method: "POST",\n` +
-    `    headers: { ${headers.join(", ")} },\n    body: JSON.stringify(${json}),\n  }).then((r) => r.json());\n` +
-    `  console.log(response${format.answerPath});\n</script>\n`;
-}
-
 function refreshCode() {
   if (!$("code-box").open) return;
   const s = settings();
@@ -321,7 +186,7 @@ function refreshCode() {
   if (!messages.length) messages = [{ role: "user", content: "Hello!" }];
   const body = format.body(s, messages, false);
   const { token } = profile;
-  $("code").textContent = { curl, python, js: javascript }[language](s, format, body, token);
+  $("code").textContent = WRITERS[language](s, format, body, token);
 }
 
 function setUp() {
