@@ -11,6 +11,8 @@ import pytest
 from .conftest import SECRET, token
 from .helpers import chat, message, settled
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 
 def b64(obj) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(obj)).rstrip(b"=").decode()

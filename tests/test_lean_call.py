@@ -18,6 +18,8 @@ from aipipe.providers import PROVIDERS
 from .conftest import token
 from .helpers import chat, message, settled, spent
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 
 def assert_json_error(r, status: int, text: str) -> None:
     assert r.code == status and message(r) == text

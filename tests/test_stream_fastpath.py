@@ -21,6 +21,8 @@ from aipipe.usage import read_usage
 from .conftest import token
 from .helpers import chat, spent
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 MINI = 12 * 0.15e-6 + 7 * 0.6e-6  # gpt-4o-mini, 12 prompt and 7 completion tokens
 
 

@@ -11,6 +11,8 @@ import pytest
 from .conftest import SECRET, token
 from .helpers import chat, message, settled
 
+pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
+
 TODAY = datetime.now(timezone.utc).date()
 ADMIN = token("admin@example.com")
 
