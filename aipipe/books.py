@@ -2,9 +2,9 @@
 
 With one process owning the database, the in-memory view of each user's spend, open holds and
 recent requests is complete, so a request can be admitted without a database round trip. The
-same rules decide as in the database (storage.base.decide); only where the numbers come
-from differs. Spend is read from the store once per user (by the ledger's writer, so charges
-still queued are counted exactly once) and kept current as charges are queued; holds never
+same rules decide as in the database (budget.decide); only where the numbers come from
+differs. Spend is read from the store once per user (by MemoryAdmission, between the ledger's
+writes, so charges still queued are counted exactly once) and kept current as charges are queued; holds never
 leave memory, since a restart ends every request they belonged to.
 """
 from __future__ import annotations
