@@ -7,6 +7,9 @@ import orjson
 import pytest
 from tornado.httputil import HTTPHeaders
 
+from aipipe.providers import PROVIDERS
+from aipipe.providers.base import Call
+
 from .conftest import token
 from .fake_upstream import OPERATOR_KEYS
 from .helpers import calls_finished, chat, leave_mid_stream, message, settled, spent, sse_data
@@ -117,3 +120,17 @@ async def test_the_model_list_gives_each_price_its_maximum_output():
     catalog = ModelCatalog("http://127.0.0.1:1/v1/models", Http())
     assert (await catalog.price("a/capped")).max_output == 8192
     assert (await catalog.price("b/context-only")).max_output == 65536
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("extra,results", [
+    ({"plugins": [{"id": "web"}]}, 5), ({"plugins": [{"id": "web", "max_results": 10}]}, 10),
+    ({"model": "openai/gpt-4o-mini:online"}, 5), ({}, 0)])
+async def test_the_web_plugin_is_held_at_its_price_per_result(extra, results, make_gateway, serve, call, upstream):
+    """OpenRouter bills web results in usage.cost; admission must have held them, so a budget bounds them too."""
+    gw = await make_gateway()
+    body = {**chat("openai/gpt-4o-mini", max_tokens=100), **extra}
+    call_ = Call("POST", "/v1/chat/completions", "", HTTPHeaders({"Content-Type": "application/json"}), orjson.dumps(body))
+    await PROVIDERS["openrouter"].prepare(call_, gw)
+    tokens = (len(call_.body) * 0.15 + 100 * 0.6) / 1e6  # a token a byte in, max_tokens out, at gpt-4o-mini's price
+    assert call_.hold == pytest.approx(tokens + results * 0.004, abs=1e-9)

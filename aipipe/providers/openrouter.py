@@ -15,6 +15,9 @@ from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price,
 
 log = logging.getLogger("aipipe.openrouter")
 MAX_FALLBACKS = 16  # models one call may name for OpenRouter to fall back on
+# OpenRouter's web plugin (a model's ":online" variant, or plugins [{"id": "web"}]) costs $4 per 1,000 results,
+# 5 results a call unless max_results says otherwise: billed in its usage.cost, held here
+WEB_RESULT_USD, WEB_RESULTS = 0.004, 5
 
 
 def price_from_pricing(pricing: dict, model: dict | None = None) -> Price:
@@ -116,11 +119,23 @@ class OpenRouter(Provider):
             prices[name] = price
         require_price(call, prices[model], model)
         call.fallback_models, call.extra["prices"] = tuple(candidates[1:]), prices
+        searching = self._web_results(call.data, candidates) * WEB_RESULT_USD
         holds = []
         for price in prices.values():
-            set_hold(call, price, gateway.default_hold, 0.0, gateway.config.get("limits.default_max_output_tokens"))
+            set_hold(call, price, gateway.default_hold, searching,
+                     gateway.config.get("limits.default_max_output_tokens"))
             holds.append((call.hold, call.fallback_cost, call.input_estimate))
         call.hold, call.fallback_cost, call.input_estimate = max(holds)
+
+    @staticmethod
+    def _web_results(data, models: list[str]) -> int:
+        """How many web results the call may pay for: the web plugin's max_results, or 5 for ":online" models."""
+        plugins = data.get("plugins") if isinstance(data, dict) else None
+        for plugin in plugins if isinstance(plugins, list) else ():
+            if isinstance(plugin, dict) and plugin.get("id") == "web":
+                most = plugin.get("max_results")
+                return most if most.__class__ is int and 0 < most <= 100 else WEB_RESULTS
+        return WEB_RESULTS if any(m.endswith(":online") for m in models) else 0
 
     @staticmethod
     def _fallbacks(data) -> list[str]:
