@@ -165,13 +165,15 @@ async def test_percent_encoded_target_is_accepted(call, target):
 @pytest.mark.gen_test
 async def test_credentials_and_hop_by_hop_headers_never_reach_the_target(call, target):
     t = token("me@example.com")
-    headers = {"Cookie": "aipipe=secret", "x-goog-api-key": "AIza-secret", "Proxy-Authorization": "Basic eA==",
+    headers = {"Cookie": "aipipe=secret", "x-goog-api-key": "AIza-secret", "x-api-key": t,
+               "Proxy-Authorization": "Basic eA==",
                "Connection": "X-Private-Hop", "X-Private-Hop": "1", "TE": "trailers", "X-Wanted": "kept",
                "Accept": "text/html"}
     r = await call(f"/proxy/{target.url}/echo", token=t, headers=headers)
     assert r.code == 200
     got = target.seen[-1]["headers"]
-    for name in ("authorization", "cookie", "x-goog-api-key", "proxy-authorization", "x-private-hop", "te"):
+    for name in ("authorization", "cookie", "x-goog-api-key", "x-api-key", "proxy-authorization", "x-private-hop",
+                 "te"):
         assert name not in got
     assert got["x-wanted"] == "kept" and got["accept"] == "text/html"
     assert t not in repr(got)

@@ -16,6 +16,7 @@ from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from .. import netguard
 from ..errors import ApiError
+from ..providers import TOKEN_HEADERS
 from .base import ApiHandler, copy_upstream_headers
 
 log = logging.getLogger("aipipe.fetch_proxy")
@@ -23,8 +24,9 @@ MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
-# The caller's AI Pipe token, cookies and Gemini key are for AI Pipe, never for the target.
-DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", "authorization", "cookie", "x-goog-api-key"}
+# The caller's AI Pipe token (in whichever header any provider takes it) and cookies are for AI Pipe, never for the
+# target.
+DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", "cookie"} | {h.lower() for h in TOKEN_HEADERS}
 # The answer is served from AI Pipe's origin, so the target must not set what applies to that origin: cookies,
 # site data, transport and reporting policy, or a CSP of its own in place of ours (CORS is dropped separately).
 ORIGIN_WIDE = frozenset({
