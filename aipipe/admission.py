@@ -18,11 +18,10 @@ import time
 from datetime import date
 
 from .books import Books
-from .ledger import LINGER, Ledger
+from .ledger import LINGER, MAX_BATCH, Ledger
 from .storage import Charge, Decision, HoldRequest, Store, StoreUnavailable
 
 log = logging.getLogger("aipipe.admission")
-MAX_BATCH = 512
 PRUNE_SECONDS = 60.0  # how often released and expired holds are dropped
 WATCH_SECONDS = 1.0  # memory mode: how often the file is checked for writes by other programs
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from datetime import date
 
@@ -21,6 +22,7 @@ from .providers import TOKEN_HEADERS
 from .providers.base import Call
 from .rules import BudgetRules
 from .storage import Charge, Decision, HoldRequest, Store, StoreUnavailable
+from .storage.base import safe_cost
 from .upstream import Upstream
 
 log = logging.getLogger("aipipe")
@@ -244,5 +246,7 @@ class Gateway:
             email, utc_date(now), outcome.cost if billed else 0.0, admission.hold_id, "request" if billed else "release",
             provider, call.model, tokens_in, tokens_out,
             outcome.status, duration_ms, outcome.streamed, outcome.aborted, now)
+        if not 0.0 <= charge.cost < math.inf:  # cleaned before the in-memory books see it, not only the ledger
+            charge.cost = safe_cost(charge)
         if self.admission.settled(charge):  # not when it only released a hold kept in memory
             self.ledger.settle(charge)

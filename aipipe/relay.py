@@ -120,16 +120,18 @@ class Relay:
             return streamed_estimate(call, out.output_bytes)
         if usage.past_belief():
             return call.hold  # a count past any real answer: billed the most the call could cost, never nothing
-        try:
-            cost = self.provider.cost(call, usage)
-        except ArithmeticError:
-            cost = math.inf
-        if not 0.0 <= cost < math.inf:
-            return call.hold
         if usage.partial:  # the answer ended before its final usage report: what was relayed counts as output
             guessed = replace(usage, output_tokens=max(usage.output_tokens, out.output_bytes // 4), partial=False)
-            cost = max(cost, min(self.provider.cost(call, guessed), call.hold))
-        return cost
+            return max(self._price_of(usage), min(self._price_of(guessed), call.hold))
+        return self._price_of(usage)
+
+    def _price_of(self, usage: Usage) -> float:
+        """The provider's price for usage; the call's hold when that is not a finite, non-negative number."""
+        try:
+            cost = self.provider.cost(self.call, usage)
+        except ArithmeticError:
+            cost = math.inf
+        return cost if 0.0 <= cost < math.inf else self.call.hold
 
     async def _forward(self, key: str) -> None:
         """Send the call upstream and relay its answer as it arrives."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import sqlite3
 import time
 from datetime import date, datetime, timedelta, timezone
@@ -19,6 +20,7 @@ from aipipe.budget import today_utc, utc_date
 from aipipe.errors import ApiError
 from aipipe.providers.base import Call
 from aipipe.providers.openai import PROVIDER as OPENAI
+from aipipe.relay import Outcome
 from aipipe.ledger import LINGER, Ledger
 from aipipe.storage import Charge, HoldRequest, StoreConfigError, StoreUnavailable, open_store
 
@@ -215,3 +217,20 @@ async def test_a_rolling_window_moves_on_at_midnight(make_gateway, monkeypatch):
 def test_utc_date_is_the_calendar_date_in_utc(ts):
     # whole seconds: fromtimestamp rounds to microseconds, which can carry the last instant of a day into the next
     assert utc_date(ts) == datetime.fromtimestamp(int(ts), timezone.utc).date()
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("cost", [math.nan, -0.5, math.inf])
+async def test_a_bad_cost_never_reaches_the_books_in_memory(cost, make_gateway):
+    """A price that is not a finite, non-negative number is recorded as 0 before the in-memory books see it, so it
+    can neither lower a user's spend nor turn it into NaN (which no limit would refuse)."""
+    gw = await make_gateway(budget={"*": {"limit": 1.0, "days": 1}})
+    chat_call = Call("POST", "/v1/chat/completions", "", HTTPHeaders(), b"", model="gpt-4o-mini", hold=0.9,
+                     billable=True)
+    first = await gw.admit("nan@example.com", OPENAI, chat_call)  # reads the user's spend into the books
+    gw.settle("nan@example.com", first, "openai", chat_call, Outcome(status=200, cost=0.5), 1.0)
+    second = gw.admit_now("nan@example.com", OPENAI, dataclasses.replace(chat_call, hold=0.1))
+    gw.settle("nan@example.com", second, "openai", chat_call, Outcome(status=200, cost=cost), 1.0)
+    with pytest.raises(ApiError) as refused:  # 0.5 spent: a call that may cost 0.9 no longer fits
+        gw.admit_now("nan@example.com", OPENAI, chat_call)
+    assert refused.value.status_code == 429 and "Usage $0.5 / $1" in refused.value.message

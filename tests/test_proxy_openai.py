@@ -307,3 +307,26 @@ async def test_images_are_billed_by_quality_and_size_and_an_unknown_one_at_the_d
     assert r.code == 200
     n = extra.get("n", 1)
     assert await spent(gateway, "draw@example.com") == pytest.approx(each * n, abs=1e-9)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("fields,each,n", [({"n": "10"}, 0.02, 10), ({"n": "3", "size": "256x256"}, 0.016, 3),
+                                           ({}, 0.02, 1)])
+async def test_an_image_variation_sent_as_a_form_is_billed_for_every_image_asked(fields, each, n, call, gateway,
+                                                                                  upstream):
+    boundary = "----aipipe-images"
+    parts = {"model": "dall-e-2", **fields}
+    body = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n" for k, v in parts.items())
+    body = (body + f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + b"\x89PNG" * 100 + f"\r\n--{boundary}--\r\n".encode()
+    r = await call("/openai/v1/images/variations", "POST", body=body, token=token("forms@example.com"),
+                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.code == 200
+    assert await spent(gateway, "forms@example.com") == pytest.approx(each * n, abs=1e-9)
+
+
+@pytest.mark.gen_test
+async def test_a_stream_on_the_path_with_a_trailing_slash_still_asks_for_its_usage(call, gateway, upstream):
+    r = await call("/openai/v1/chat/completions/", "POST", json=chat(stream=True), token=token("slash@example.com"))
+    assert orjson.loads(upstream.state.last["body"])["stream_options"] == {"include_usage": True}
+    assert r.code in (200, 404)  # whatever the provider makes of the path, the usage was asked for

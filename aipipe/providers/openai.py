@@ -42,7 +42,8 @@ class OpenAI(Provider):
         """Require a priced model on every paid call; ask chat streams to report usage."""
         if call.method in NO_BODY_METHODS or FREE_POST.fullmatch(call.path) is not None:
             return
-        if call.path.rstrip("/") not in PRICED_POST:
+        path = call.path.rstrip("/")  # the endpoint, however the client ended it
+        if path not in PRICED_POST:
             raise ApiError(400, f"OpenAI endpoint {call.path} is not supported here: only calls that are over when "
                                 "their answer is can be priced")
         model = call.body_model()
@@ -59,7 +60,7 @@ class OpenAI(Provider):
                                 "not priced")
         set_hold(call, price, gateway.default_hold, self._fixed_cost(call, data, gateway.prices),
                  gateway.config.get("limits.default_max_output_tokens"))
-        if data.get("stream") is True and call.path.endswith("/chat/completions"):
+        if data.get("stream") is True and path == "/v1/chat/completions":
             options = data.get("stream_options") if isinstance(data.get("stream_options"), dict) else {}
             if not options.get("include_usage"):
                 data["stream_options"] = {**options, "include_usage": True}
@@ -74,6 +75,9 @@ class OpenAI(Provider):
         if price.per_million_chars and isinstance(data.get("input"), str):
             return len(data["input"]) * price.per_million_chars / 1e6
         if price.per_image:
+            if call.media_type == "multipart/form-data":  # edits and variations: the options are form fields
+                data = {name: call.form_field(name) for name in ("quality", "size", "n") if call.form_field(name)}
+                data["n"] = int(data["n"]) if data.get("n", "").isdigit() else 1
             quality, size = data.get("quality", "standard"), data.get("size", "1024x1024")
             variant = prices.lookup("openai", f"{call.model} {quality} {size}") if isinstance(quality, str) and \
                 isinstance(size, str) else None
