@@ -40,7 +40,7 @@ INF = math.inf
 
 
 class Ledger:
-    """Batches reservations and settlements into few transactions."""
+    """Batches charges into few transactions, and runs admission's database work between them."""
 
     def __init__(self, store: Store, spool_dir: str | None = None, retry_seconds: float = 1.0,
                  spool_path: str | None = None, metrics=None, linger: float = 0.0):

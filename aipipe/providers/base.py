@@ -168,8 +168,9 @@ def streamed_estimate(call: Call, output_bytes: int) -> float:
 class Provider:
     """Everything about one provider: its route, configuration, credentials, headers, pricing and usage.
 
-    The rest of the gateway reads these through the provider table (aipipe.providers.PROVIDERS) and names no
-    provider itself, so adding one is adding a module and its prices."""
+    The rest of the gateway reads these through the provider table (aipipe.providers.PROVIDERS), so adding one is
+    adding a module and its prices. (/similarity is OpenAI's embeddings by design, and the playground names the
+    chat formats its page speaks.)"""
 
     route = ""  # the URL segment: /<route>/... is this provider's
     name = ""  # its [providers.<name>] section, price-table and ledger name
