@@ -33,6 +33,7 @@ import json
 import logging
 import secrets
 import sys
+import time
 from contextlib import asynccontextmanager
 from datetime import date
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -98,13 +99,18 @@ INSERT_LEDGER = f"INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LE
 # daily totals and hold releases. Only the rows inserted (charge ids not already there) reach the
 # totals, which are grouped (ON CONFLICT may touch a row only once per statement) and ordered (two
 # instances settling the same users lock rows in the same order). Releasing a hold twice changes nothing.
+# A release writes the hold's row if it is not there yet: an admission whose COMMIT lost its answer may
+# still land after the release, and the row already released makes its insert fail instead of leaving
+# an orphan hold counted as a call in flight. Such a row is dated outside the rate window (it was no call).
 SETTLE = f"""WITH ledger_rows AS (INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LEDGER_ARRAYS})
         ON CONFLICT (charge_id) DO NOTHING RETURNING email, date, cost),
     totals AS (INSERT INTO usage (email, date, cost)
         SELECT email, date, SUM(cost) FROM ledger_rows WHERE cost <> 0
         GROUP BY email, date ORDER BY email, date
         ON CONFLICT (email, date) DO UPDATE SET cost = usage.cost + excluded.cost),
-    released AS (UPDATE holds SET released = TRUE WHERE id = ANY($15::bigint[]))
+    released AS (INSERT INTO holds (id, email, amount, created, expires, released)
+        SELECT id, email, 0, $17::float8, $17::float8, TRUE FROM unnest($15::bigint[], $16::text[]) AS r (id, email)
+        ON CONFLICT (id) DO UPDATE SET released = TRUE)
     SELECT 1"""
 PRUNE_HOLDS = """DELETE FROM holds WHERE id IN (
     SELECT id FROM holds WHERE created < $1::float8 AND (released OR expires < $2::float8)
@@ -290,8 +296,9 @@ class PostgresStore(Store):
     async def settle(self, charges: list[Charge]) -> None:
         """Ledger rows, daily totals and hold releases for a batch, in one statement (one round trip)."""
         billed = [ledger_record(c) for c in charges if c.kind != "release"]
-        released = sorted({c.hold_id for c in charges if c.hold_id is not None})
-        await self._execute(SETTLE, *columns(billed, 14), released)
+        released = dict(sorted((c.hold_id, c.email) for c in charges if c.hold_id is not None))
+        await self._execute(SETTLE, *columns(billed, 14), list(released), list(released.values()),
+                            time.time() - RATE_WINDOW - 1)
 
     async def spend(self, email: str, since: date) -> float:
         """Settled cost in the window."""

@@ -23,6 +23,8 @@ class LosingProxy(CuttableProxy):
     drops the client's connection: the server runs (and commits) the statement, its answer never arrives."""
 
     marker: bytes | None = None
+    late: asyncio.Event | None = None  # when given, the marked message reaches the server only once it is set
+    answered: asyncio.Event | None = None  # set when the server answered the marked message
 
     async def _link(self, reader, writer) -> None:
         try:
@@ -35,13 +37,18 @@ class LosingProxy(CuttableProxy):
         async def to_server():
             try:
                 while data := await reader.read(65536):
-                    up_writer.write(data)
-                    await up_writer.drain()
                     if self.marker and self.marker in data:
                         self.marker = None
                         lost.set()
+                        if self.late is not None:  # the client gives up first; the message lands afterwards
+                            writer.transport.abort()
+                            await self.late.wait()
+                        up_writer.write(data)
+                        await up_writer.drain()
                         writer.transport.abort()
                         return
+                    up_writer.write(data)
+                    await up_writer.drain()
             except (OSError, asyncio.CancelledError):
                 pass
             up_writer.transport.abort()
@@ -50,6 +57,8 @@ class LosingProxy(CuttableProxy):
             try:
                 while data := await up_reader.read(65536):
                     if lost.is_set():
+                        if self.answered is not None:
+                            self.answered.set()
                         break  # the server answered: the statement ran to its end
                     writer.write(data)
                     await writer.drain()
@@ -191,3 +200,38 @@ def proxy(io_loop):
     for w in list(p.links):
         w.transport.abort()
     io_loop.run_sync(lambda: asyncio.sleep(0.05))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_admission_committing_after_its_hold_was_released_leaves_no_call_in_flight(
+        make_gateway, serve, upstream, pg_url, losing_proxy):
+    gw = await make_gateway(storage={"url": with_port(pg_url, "127.0.0.1", losing_proxy.port)},
+                            limits={"max_concurrent_per_user": 1})
+    gw.ledger.retry_seconds = 0.1
+    calls = Calls(serve(gw))
+    assert (await calls.chat()).code == 200
+    losing_proxy.late, losing_proxy.answered = asyncio.Event(), asyncio.Event()
+    losing_proxy.marker = b"COMMIT"  # the client sees the connection drop before the server gets the COMMIT
+    lost = await calls.chat()
+    assert lost.code == 503 and message(lost) == STORE_DOWN
+    # the release of the hold goes to the store while the admission's transaction is still open: it must
+    # wait for that transaction (or overrule it), not pass over a row it cannot see yet
+    releasing = asyncio.ensure_future(gw.ledger.flush())
+    await asyncio.wait([releasing], timeout=1.0)
+    losing_proxy.late.set()  # only now does the admission's transaction commit
+    await losing_proxy.answered.wait()
+    for _ in range(100):
+        await gw.ledger.flush()
+        if not gw.ledger.pending:
+            break
+        await asyncio.sleep(0.1)
+    assert not gw.ledger.pending
+    await releasing
+    assert await gw.store.open_holds(USER, time.time()) == 0
+    for _ in range(100):
+        r = await calls.chat()
+        assert r.code in (200, 503), (r.code, r.body)  # never "Too many requests in flight"
+        if r.code == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert r.code == 200
