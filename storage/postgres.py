@@ -99,9 +99,10 @@ INSERT_LEDGER = f"INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LE
 # daily totals and hold releases. Only the rows inserted (charge ids not already there) reach the
 # totals, which are grouped (ON CONFLICT may touch a row only once per statement) and ordered (two
 # instances settling the same users lock rows in the same order). Releasing a hold twice changes nothing.
-# A release writes the hold's row if it is not there yet: an admission whose COMMIT lost its answer may
-# still land after the release, and the row already released makes its insert fail instead of leaving
-# an orphan hold counted as a call in flight. Such a row is dated outside the rate window (it was no call).
+# A release is an upsert on the hold's id: for an admission whose COMMIT lost its answer, it waits for
+# that transaction if it is still open and marks the row released whether the commit landed or not (a
+# plain UPDATE would pass over a row not yet visible, leaving a hold counted as a call in flight). A row
+# it has to write is dated outside the rate window, since it was no call.
 SETTLE = f"""WITH ledger_rows AS (INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LEDGER_ARRAYS})
         ON CONFLICT (charge_id) DO NOTHING RETURNING email, date, cost),
     totals AS (INSERT INTO usage (email, date, cost)
