@@ -204,3 +204,18 @@ async def test_count_tokens_needs_a_model_whatever_its_content_type(gateway, ups
                    headers={"x-api-key": token("counting@example.com"), "Content-Type": "text/plain"})
     assert r.code == 400 and message(r).startswith("Pass a JSON body with {model}")
     assert upstream.state.requests == []
+
+
+@pytest.mark.gen_test
+async def test_web_searches_are_held_at_max_uses_however_large(make_gateway, serve, call, upstream):
+    """A budget of $100 cannot admit a call that may run 20,000 searches at $0.01: refused before it is sent."""
+    url = serve(await make_gateway(budget={"many-searches@example.com": {"limit": 100.0, "days": 1}}))
+    tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 20_000}]
+    r = await call(url + "/anthropic/v1/messages", "POST", json=messages_body(tools=tools),
+                   headers={"x-api-key": token("many-searches@example.com")})
+    assert r.code == 429 and "could cost up to" in message(r)
+    assert upstream.state.requests == []
+    tools[0]["max_uses"] = 50  # $0.50 of searches: admitted
+    r = await call(url + "/anthropic/v1/messages", "POST", json=messages_body(tools=tools),
+                   headers={"x-api-key": token("many-searches@example.com")})
+    assert r.code == 200

@@ -330,3 +330,21 @@ async def test_a_stream_on_the_path_with_a_trailing_slash_still_asks_for_its_usa
     r = await call("/openai/v1/chat/completions/", "POST", json=chat(stream=True), token=token("slash@example.com"))
     assert orjson.loads(upstream.state.last["body"])["stream_options"] == {"include_usage": True}
     assert r.code in (200, 404)  # whatever the provider makes of the path, the usage was asked for
+
+
+@pytest.mark.gen_test
+async def test_search_models_pay_their_search_fee_on_every_call(call, gateway, upstream):
+    """gpt-4o-search-preview searches on every call ($25 per 1,000 calls on top of tokens); web_search_options
+    is taken there and refused elsewhere, where its fee is not priced."""
+    r = await call("/openai/v1/chat/completions", "POST", token=token("searcher@example.com"),
+                   json=chat("gpt-4o-search-preview", web_search_options={"search_context_size": "high"}))
+    assert r.code == 200
+    assert await spent(gateway, "searcher@example.com") == pytest.approx((12 * 2.5 + 7 * 10) / 1e6 + 0.025, abs=1e-9)
+    r = await call("/openai/v1/chat/completions", "POST", token=token("searcher@example.com"),
+                   json=chat("gpt-4o-mini-search-preview"))
+    assert r.code == 200
+    assert await spent(gateway, "searcher@example.com") == pytest.approx(
+        (12 * 2.5 + 7 * 10) / 1e6 + 0.025 + (12 * 0.15 + 7 * 0.6) / 1e6 + 0.025, abs=1e-9)
+    r = await call("/openai/v1/chat/completions", "POST", token=token("searcher@example.com"),
+                   json=chat("gpt-4o-mini", web_search_options={}))
+    assert r.code == 400 and "web_search_options" in message(r)

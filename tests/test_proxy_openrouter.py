@@ -125,6 +125,7 @@ async def test_the_model_list_gives_each_price_its_maximum_output():
 @pytest.mark.gen_test
 @pytest.mark.parametrize("extra,results", [
     ({"plugins": [{"id": "web"}]}, 5), ({"plugins": [{"id": "web", "max_results": 10}]}, 10),
+    ({"plugins": [{"id": "web", "max_results": 5000}]}, 5000),  # as many as asked: no cap below the request
     ({"model": "openai/gpt-4o-mini:online"}, 5), ({}, 0)])
 async def test_the_web_plugin_is_held_at_its_price_per_result(extra, results, make_gateway, serve, call, upstream):
     """OpenRouter bills web results in usage.cost; admission must have held them, so a budget bounds them too."""
@@ -134,3 +135,16 @@ async def test_the_web_plugin_is_held_at_its_price_per_result(extra, results, ma
     await PROVIDERS["openrouter"].prepare(call_, gw)
     tokens = (len(call_.body) * 0.15 + 100 * 0.6) / 1e6  # a token a byte in, max_tokens out, at gpt-4o-mini's price
     assert call_.hold == pytest.approx(tokens + results * 0.004, abs=1e-9)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("extra,results", [({"plugins": [{"id": "web", "max_results": 3}]}, 3),
+                                           ({"model": "openai/gpt-4o-mini:online"}, 5)])
+async def test_web_results_are_billed_when_the_answer_reports_no_cost(extra, results, call, gateway, upstream):
+    """Without usage.cost the call is priced from the model list, and the web results it allowed are added."""
+    upstream.state.openrouter_cost = None
+    body = {**chat("openai/gpt-4o-mini"), **extra}
+    r = await call("/openrouter/v1/chat/completions", "POST", json=body, token=token("web-list@example.com"))
+    assert r.code == 200
+    expected = 12 * 0.15e-6 + 7 * 0.6e-6 + results * 0.004
+    assert await spent(gateway, "web-list@example.com") == pytest.approx(expected, abs=1e-9)

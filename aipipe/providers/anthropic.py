@@ -67,7 +67,8 @@ class Anthropic(Provider):
         for tool in tools:
             if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search"):
                 uses = tool.get("max_uses")
-                searches += uses if uses.__class__ is int and 0 < uses <= 10_000 else DEFAULT_WEB_SEARCHES
+                # as many as the request allows, however many: a hold below that would let spend pass the limit
+                searches += uses if uses.__class__ is int and uses > 0 else DEFAULT_WEB_SEARCHES
         return searches * price.per_web_search
 
     def answer_usage(self, call: Call, obj: Any) -> Usage | None:

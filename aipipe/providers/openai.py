@@ -55,7 +55,8 @@ class OpenAI(Provider):
             raise ApiError(400, "Background responses are not supported here: their usage is known only after "
                                 "the call has ended")
         refuse_unpriced_tools(data, HOSTED_TOOLS)
-        if "web_search_options" in data:  # chat completions' search, charged per call
+        if "web_search_options" in data and not price.per_request:
+            # chat completions' search: priced only on the search models, whose every call pays its fee
             raise ApiError(400, "Tool web_search_options is not supported here: what the provider charges for it is "
                                 "not priced")
         set_hold(call, price, gateway.default_hold, self._fixed_cost(call, data, gateway.prices),

@@ -119,7 +119,7 @@ class OpenRouter(Provider):
             prices[name] = price
         require_price(call, prices[model], model)
         call.fallback_models, call.extra["prices"] = tuple(candidates[1:]), prices
-        searching = self._web_results(call.data, candidates) * WEB_RESULT_USD
+        searching = call.extra["web_fee"] = self._web_results(call.data, candidates) * WEB_RESULT_USD
         holds = []
         for price in prices.values():
             set_hold(call, price, gateway.default_hold, searching,
@@ -134,7 +134,8 @@ class OpenRouter(Provider):
         for plugin in plugins if isinstance(plugins, list) else ():
             if isinstance(plugin, dict) and plugin.get("id") == "web":
                 most = plugin.get("max_results")
-                return most if most.__class__ is int and 0 < most <= 100 else WEB_RESULTS
+                # as many as the request asks for, however many: a hold below that would let spend pass the limit
+                return most if most.__class__ is int and most > 0 else WEB_RESULTS
         return WEB_RESULTS if any(m.endswith(":online") for m in models) else 0
 
     @staticmethod
@@ -158,13 +159,15 @@ class OpenRouter(Provider):
 
     def cost(self, call: Call, usage: Usage) -> float:
         """OpenRouter's own usage.cost when it reports one, else tokens at the listed price of the model that
-        answered (the dearest of the call's models when the answer does not say which)."""
+        answered (the dearest of the call's models when the answer does not say which) plus the web results the
+        call allowed."""
         if usage.cost is not None:
             return usage.cost
         prices = call.extra.get("prices") or ({call.model: call.price} if call.price else {})
+        web_fee = call.extra.get("web_fee", 0.0)
         if usage.model in prices:
-            return cost_of(prices[usage.model], usage)
-        return max((cost_of(price, usage) for price in prices.values()), default=0.0)
+            return cost_of(prices[usage.model], usage) + web_fee
+        return max((cost_of(price, usage) for price in prices.values()), default=0.0) + web_fee
 
 
 PROVIDER = OpenRouter()
