@@ -19,6 +19,16 @@ PERIODS = ("day", "week", "month")
 CHOICES = {"storage.admission": ("auto", "store"), "server.log_format": ("text", "json")}
 
 
+
+def budget_for(rules: Mapping[str, Budget], email: str) -> Budget:
+    """The rule for an email: by the exact (lower-cased) email, then its @domain, then "*", else a zero limit."""
+    email = email.lower()
+    for key in (email, "@" + email.rsplit("@", 1)[-1], "*"):
+        budget = rules.get(key)
+        if budget is not None:
+            return budget
+    return Budget(limit=0.0, days=1)
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
@@ -113,13 +123,9 @@ class Config:
         return self.values[key]
 
     def budget_for(self, email: str) -> Budget:
-        """Budget by exact email, then @domain, then "*", then a zero limit."""
-        email = email.lower()
-        domain = "@" + email.rsplit("@", 1)[-1]
-        for key in (email, domain, "*"):
-            if key in self.budgets:
-                return self.budgets[key]
-        return Budget(limit=0.0, days=1)
+        """The file's budget for an email (budget_for below); the server reads aipipe.rules, which adds the
+        rules admins set at runtime."""
+        return budget_for(self.budgets, email)
 
     def salt_for(self, email: str) -> str | None:
         """The configured salt for an email, if any."""

@@ -17,7 +17,7 @@ import time
 from types import MappingProxyType
 from typing import Mapping
 
-from .config import Budget, Config, ConfigError, _parse_budget
+from .config import Budget, Config, ConfigError, _parse_budget, budget_for
 from .errors import ApiError
 from .storage import Store, StoreUnavailable
 
@@ -29,7 +29,7 @@ RULE_KEYS = ("match", "limit", "days", "period", "models")
 
 
 def parse_match(value) -> str:
-    """A rule's match ("user@x.com", "@x.com" or "*"), lower-cased as Config.budget_for compares; 400 otherwise."""
+    """A rule's match ("user@x.com", "@x.com" or "*"), lower-cased as budget_for compares; 400 otherwise."""
     if isinstance(value, str):
         value = value.strip().lower()
         if len(value) <= 320 and value.isprintable() and MATCH.match(value):
@@ -90,13 +90,7 @@ class BudgetRules:
 
     def budget_for(self, email: str) -> Budget:
         """Budget by exact email, then @domain, then "*", then a zero limit."""
-        email = email.lower()
-        rules = self._rules
-        for key in (email, "@" + email.rsplit("@", 1)[-1], "*"):
-            budget = rules.get(key)
-            if budget is not None:
-                return budget
-        return Budget(limit=0.0, days=1)
+        return budget_for(self._rules, email)
 
     @property
     def rules(self) -> Mapping[str, Budget]:

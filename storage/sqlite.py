@@ -62,7 +62,7 @@ BY_MODEL = """SELECT CASE kind WHEN 'adjust' THEN ?1 ELSE provider END AS p, CAS
     WHERE email = ?3 AND date >= ?4 AND kind IN ('request', 'adjust') GROUP BY p, m ORDER BY SUM(cost) DESC, p, m"""
 # Everyone with spend or requests in their own budget window. ?1: the rules as JSON [[match, first day, limit]],
 # ?2: the earliest first day of any rule, ?3: the first day when no rule applies, ?4: part of an email. A domain is
-# what follows the last "@" (rtrim strips every character but "@" off the end), as Config.budget_for reads it.
+# what follows the last "@" (rtrim strips every character but "@" off the end), as aipipe.config.budget_for reads it.
 USERS = """WITH rules AS (SELECT json_extract(value, '$[0]') AS match, json_extract(value, '$[1]') AS since,
             json_extract(value, '$[2]') AS lim FROM json_each(?1)),
     days AS (SELECT email, date, cost FROM usage WHERE date >= ?2),
