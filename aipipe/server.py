@@ -140,6 +140,8 @@ async def _serve(config: Config, sockets, processes: int, load_config: Callable[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_config, gateway, load_config)
+    if _stopping:  # told to stop while starting (a worker, by the parent's handler): stop in order now
+        stop.set()
     await stop.wait()
     notify("STOPPING=1")
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal (the parent passes it on too) changes nothing
@@ -216,7 +218,7 @@ def _workers_of(parent: int) -> list[int]:
     return found
 
 
-_stopping: list[int] = []  # in the parent of workers: the stop signals it received
+_stopping: list[int] = []  # stop signals received: by the parent of workers, or by a worker while it started
 
 
 def _pass_stop_to_workers() -> None:
@@ -226,8 +228,9 @@ def _pass_stop_to_workers() -> None:
     parent = os.getpid()
 
     def handle(sig, frame) -> None:
-        if os.getpid() != parent:  # a worker between fork and its own handlers: stop as a worker does
-            raise SystemExit(0)
+        if os.getpid() != parent:  # a worker between fork and its own handlers: it stops once it has started
+            _stopping.append(sig)  # (_serve looks), since leaving mid-start would leave its store's thread behind
+            return
         _stopping.append(sig)  # a worker Tornado restarts from now on stops at once (run() checks this)
         for pid in _workers_of(parent):
             try:

@@ -133,7 +133,7 @@ BY_MODEL = f"""SELECT CASE kind WHEN 'adjust' THEN $1 ELSE provider END AS p, CA
 # Everyone with spend or requests in their own budget window. $1-$3: the rules (match, first day, limit), $4: the
 # earliest first day of any rule, $5: the first day when no rule applies, $6: part of an email. A domain is what
 # follows the last "@", as aipipe.config.budget_for reads it.
-USERS = f"""WITH rules AS (SELECT * FROM unnest($1::text[], $2::date[], $3::float8[]) AS r(match, since, lim)),
+USERS = """WITH rules AS (SELECT * FROM unnest($1::text[], $2::date[], $3::float8[]) AS r(match, since, lim)),
     days AS (SELECT email, date, cost FROM usage WHERE date >= $4::date),
     calls AS (SELECT email, date, ts FROM ledger WHERE kind = 'request' AND date >= $4::date),
     people AS (SELECT email, lower(email) AS low FROM (SELECT email FROM days UNION SELECT email FROM calls) AS e),

@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -180,7 +181,7 @@ def test_stopping_the_parent_of_several_processes_stops_them_all(tmp_path):
     try:
         assert serving(port)
         proc.send_signal(signal.SIGTERM)  # the parent only, as `kill <pid>` does
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and serving(port):
             time.sleep(0.1)
@@ -190,6 +191,29 @@ def test_stopping_the_parent_of_several_processes_stops_them_all(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_workers_told_to_stop_while_they_start_stop_in_order(tmp_path):
+    """SIGTERM as soon as the first worker serves, while the other may still be starting (systemd stopping a unit
+    that just started): each worker still closes its store and exits, rather than hanging on the store's thread."""
+    env = {**os.environ, "AIPIPE_SECRET": "x" * 32}
+    for attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "aipipe", "serve", "--processes", "2", "--host", "127.0.0.1",
+                                 "--port", "0"], cwd=tmp_path, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stderr:
+                if "AI Pipe listening on" in line:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            rest = threading.Thread(target=proc.stderr.read, daemon=True)  # keep the pipe drained
+            rest.start()
+            assert proc.wait(timeout=60) == 0, f"attempt {attempt}"
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_version_and_a_help_line_for_every_command_and_option(tmp_path):

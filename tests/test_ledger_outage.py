@@ -12,7 +12,7 @@ import pytest
 from aipipe.budget import today_utc
 from aipipe.storage import Charge
 
-from .test_postgres_outage import STORE_DOWN, USER, Calls, CuttableProxy, message, terminate_backends
+from .test_postgres_outage import STORE_DOWN, USER, Calls, CuttableProxy, message, terminate_backends, until_ok
 from .pg import fresh_postgres_url, with_port
 
 DAY = date(2026, 1, 2)
@@ -152,17 +152,7 @@ async def test_refusals_while_the_store_is_away_are_503_and_nobody_stays_at_the_
     assert down.code == 503 and message(down) == STORE_DOWN
     assert (await in_flight).code == 200  # finished while the store is away: its hold is released late
     await proxy.restore()
-    codes = []
-    for _ in range(100):
-        r = await calls.chat()
-        codes.append(r.code)
-        assert r.code in (200, 503), (r.code, r.body)  # never "Too many requests in flight"
-        if r.code == 503:
-            assert message(r) == STORE_DOWN
-        else:
-            break
-        await asyncio.sleep(0.1)
-    assert codes[-1] == 200
+    await until_ok(calls)  # never "Too many requests in flight"
     await gw.ledger.flush()
     assert await gw.store.open_holds(USER, time.time()) == 0
 
@@ -178,13 +168,7 @@ async def test_holds_of_an_admission_whose_commit_answer_was_lost_are_released(
     losing_proxy.marker = b"COMMIT"  # the next transaction's COMMIT runs; its answer is lost
     lost = await calls.chat()
     assert lost.code == 503 and message(lost) == STORE_DOWN and losing_proxy.marker is None
-    for _ in range(100):
-        r = await calls.chat()
-        assert r.code in (200, 503), (r.code, r.body)  # the orphan hold must not count as a call in flight
-        if r.code == 200:
-            break
-        await asyncio.sleep(0.1)
-    assert r.code == 200
+    await until_ok(calls)  # the orphan hold must not count as a call in flight
     await gw.ledger.flush()
     assert await gw.store.open_holds(USER, time.time()) == 0
     assert await gw.store.spend(USER, today_utc()) > 0
@@ -228,10 +212,4 @@ async def test_an_admission_committing_after_its_hold_was_released_leaves_no_cal
     assert not gw.ledger.pending
     await releasing
     assert await gw.store.open_holds(USER, time.time()) == 0
-    for _ in range(100):
-        r = await calls.chat()
-        assert r.code in (200, 503), (r.code, r.body)  # never "Too many requests in flight"
-        if r.code == 200:
-            break
-        await asyncio.sleep(0.1)
-    assert r.code == 200
+    await until_ok(calls)  # never "Too many requests in flight"
