@@ -18,63 +18,13 @@ import aiosqlite
 
 from ..budget import RATE_WINDOW, UserState, add_hold, decide_batch
 from .base import (ADJUSTMENTS, Decision, Charge, HoldRequest, RowRefused, Store, StoreUnavailable,  # noqa: F401
-                   UsersQuery, audit_row, budget_detail, charge_row, model_row, rule_row, usage_filter, user_row,
-                   users_summary_tail)
+                   UsersQuery, audit_row, charge_row, model_row, usage_filter, user_row)
+from .sqlite_rules import read_rules, remove_rule, set_rule, write_audit
+from .sqlite_sql import ADD_COST, BY_MODEL, LEDGER_INSERT, MIGRATIONS, USER_ORDER, USERS
 
-MIGRATIONS = (
-    """
-    CREATE TABLE usage (email TEXT NOT NULL, date TEXT NOT NULL, cost REAL NOT NULL DEFAULT 0,
-                        PRIMARY KEY (email, date));
-    CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, email TEXT NOT NULL,
-        date TEXT NOT NULL, kind TEXT NOT NULL, provider TEXT NOT NULL DEFAULT '', model TEXT NOT NULL DEFAULT '',
-        input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
-        cost REAL NOT NULL, status INTEGER NOT NULL DEFAULT 0, duration_ms REAL NOT NULL DEFAULT 0,
-        streamed INTEGER NOT NULL DEFAULT 0, aborted INTEGER NOT NULL DEFAULT 0);
-    CREATE INDEX ledger_email_date ON ledger (email, date);
-    CREATE TABLE holds (id INTEGER PRIMARY KEY, email TEXT NOT NULL, amount REAL NOT NULL,
-        created REAL NOT NULL, expires REAL NOT NULL, released INTEGER NOT NULL DEFAULT 0);
-    CREATE INDEX holds_email ON holds (email, created);
-    """,
-    # admissions sum the open holds of a user: keep that read small however many holds were ever placed
-    "CREATE INDEX holds_open ON holds (email) WHERE released = 0",
-    # a settle retried after its commit landed (or a spool replayed twice) must not bill twice
-    """ALTER TABLE ledger ADD COLUMN charge_id TEXT;
-    CREATE UNIQUE INDEX ledger_charge_id ON ledger (charge_id)""",
-    # budget rules set by admins at runtime, the version every process compares with its copy, and the audit trail
-    """CREATE TABLE budget_rules (match TEXT PRIMARY KEY, limit_usd REAL NOT NULL, days INTEGER NOT NULL DEFAULT 1,
-        period TEXT, models TEXT NOT NULL DEFAULT '[]', updated REAL NOT NULL, updated_by TEXT NOT NULL);
-    CREATE TABLE rules_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
-    INSERT INTO rules_version (id, version) VALUES (1, 0);
-    CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, admin TEXT NOT NULL,
-        action TEXT NOT NULL, target TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '{}')""",
-)
-
-LEDGER_INSERT = """INSERT INTO ledger (charge_id, ts, email, date, kind, provider, model, input_tokens, output_tokens,
-    cost, status, duration_ms, streamed, aborted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"""
 # What binding or constraints raise for a row whose data SQLite will not take (as opposed to a locked or lost file).
 REFUSED = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError,
            OverflowError, UnicodeError)
-ADD_COST = """INSERT INTO usage (email, date, cost) VALUES (?, ?, ?)
-    ON CONFLICT (email, date) DO UPDATE SET cost = cost + excluded.cost"""
-# Per provider and model, with admins' corrections as a row of their own, so the rows add up to the spend.
-BY_MODEL = """SELECT CASE kind WHEN 'adjust' THEN ?1 ELSE provider END AS p, CASE kind WHEN 'adjust' THEN ?2 ELSE model END AS m,
-        SUM(kind = 'request'), SUM(input_tokens), SUM(output_tokens), SUM(cost) FROM ledger
-    WHERE email = ?3 AND date >= ?4 AND kind IN ('request', 'adjust') GROUP BY p, m ORDER BY SUM(cost) DESC, p, m"""
-# Everyone with spend or requests in their own budget window. ?1: the rules as JSON [[match, first day, limit]],
-# ?2: the earliest first day of any rule, ?3: the first day when no rule applies, ?4: part of an email. A domain is
-# what follows the last "@" (rtrim strips every character but "@" off the end), as aipipe.config.budget_for reads it.
-USERS = """WITH rules AS (SELECT json_extract(value, '$[0]') AS match, json_extract(value, '$[1]') AS since,
-            json_extract(value, '$[2]') AS lim FROM json_each(?1)),
-    days AS (SELECT email, date, cost FROM usage WHERE date >= ?2),
-    calls AS (SELECT email, date, ts FROM ledger WHERE kind = 'request' AND date >= ?2),
-    people AS (SELECT email, lower(email) AS low FROM (SELECT email FROM days UNION SELECT email FROM calls)),
-    windows AS (SELECT p.email, COALESCE(e.since, d.since, s.since, ?3) AS since, COALESCE(e.lim, d.lim, s.lim, 0.0) AS lim
-        FROM people p LEFT JOIN rules e ON e.match = p.low
-        LEFT JOIN rules d ON d.match = '@' || substr(p.low, length(rtrim(p.low, replace(p.low, '@', ''))) + 1)
-        LEFT JOIN rules s ON s.match = '*' WHERE instr(p.low, ?4) > 0),
-"""  # the rest, alike on both backends:
-USERS_TAIL, USER_ORDER = users_summary_tail("SUM(x.cost)", "MAX")
-USERS += USERS_TAIL
 
 
 def ledger_row(c: Charge) -> tuple:
@@ -239,21 +189,21 @@ class SQLiteStore(Store):
         """The version and the rules, read in one transaction."""
         db = self._conn()
         try:
-            return await db._execute(_read_rules, db._conn)
+            return await db._execute(read_rules, db._conn)
         except (sqlite3.OperationalError, ValueError) as e:
             raise StoreUnavailable(f"SQLite: {e}") from e
 
     async def set_budget_rule(self, rule: dict, admin: str, now: float) -> int:
         """Insert or replace a rule, bump the version and audit it, in one IMMEDIATE transaction."""
-        return await self._write(_set_rule, rule, admin, now)
+        return await self._write(set_rule, rule, admin, now)
 
     async def remove_budget_rule(self, match: str, admin: str, now: float) -> dict | None:
         """Delete a rule, bump the version and audit it, in one IMMEDIATE transaction."""
-        return await self._write(_remove_rule, match, admin, now)
+        return await self._write(remove_rule, match, admin, now)
 
     async def add_audit(self, admin: str, action: str, target: str, detail: dict, now: float) -> None:
         """One audit row."""
-        await self._write(_audit, admin, action, target, detail, now)
+        await self._write(write_audit, admin, action, target, detail, now)
 
     async def audit(self, limit: int = 100, offset: int = 0) -> list[dict]:
         """Audit rows, newest first."""
@@ -377,51 +327,3 @@ def _set_cost(conn: sqlite3.Connection, email: str, day: date, cost: float, now:
 
 def _prune(conn: sqlite3.Connection, now: float) -> None:
     conn.execute("DELETE FROM holds WHERE created < ? AND (released = 1 OR expires < ?)", (now - 2 * RATE_WINDOW, now))
-
-
-RULE_COLUMNS = "match, limit_usd, days, period, models, updated, updated_by"
-
-
-def _read_rules(conn: sqlite3.Connection) -> tuple[int, list[dict]]:
-    conn.execute("BEGIN")  # a deferred read transaction: the version and the rules from one snapshot
-    try:
-        version = conn.execute("SELECT version FROM rules_version").fetchone()[0]
-        rules = [rule_row(*r) for r in conn.execute(f"SELECT {RULE_COLUMNS} FROM budget_rules ORDER BY match")]
-    finally:
-        conn.execute("COMMIT")
-    return int(version), rules
-
-
-def _bump_version(conn: sqlite3.Connection) -> int:
-    return conn.execute("UPDATE rules_version SET version = version + 1 WHERE id = 1 RETURNING version").fetchone()[0]
-
-
-def _rule(conn: sqlite3.Connection, match: str) -> dict | None:
-    row = conn.execute(f"SELECT {RULE_COLUMNS} FROM budget_rules WHERE match = ?", (match,)).fetchone()
-    return rule_row(*row) if row else None
-
-
-def _set_rule(conn: sqlite3.Connection, rule: dict, admin: str, now: float) -> int:
-    before = _rule(conn, rule["match"])
-    conn.execute(f"""INSERT INTO budget_rules ({RULE_COLUMNS}) VALUES (?,?,?,?,?,?,?)
-                     ON CONFLICT (match) DO UPDATE SET limit_usd = excluded.limit_usd, days = excluded.days,
-                     period = excluded.period, models = excluded.models, updated = excluded.updated,
-                     updated_by = excluded.updated_by""",
-                 (rule["match"], rule["limit"], rule["days"], rule["period"], json.dumps(list(rule["models"])), now, admin))
-    _audit(conn, admin, "budget.set", rule["match"], {**budget_detail(rule), "previous": budget_detail(before)}, now)
-    return _bump_version(conn)
-
-
-def _remove_rule(conn: sqlite3.Connection, match: str, admin: str, now: float) -> dict | None:
-    before = _rule(conn, match)
-    if before is None:
-        return None
-    conn.execute("DELETE FROM budget_rules WHERE match = ?", (match,))
-    _audit(conn, admin, "budget.remove", match, {"removed": budget_detail(before)}, now)
-    _bump_version(conn)
-    return before
-
-
-def _audit(conn: sqlite3.Connection, admin: str, action: str, target: str, detail: dict, now: float) -> None:
-    conn.execute("INSERT INTO audit (ts, admin, action, target, detail) VALUES (?,?,?,?,?)",
-                 (now, admin, action, target, json.dumps(detail)))

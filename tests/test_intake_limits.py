@@ -87,7 +87,7 @@ async def test_a_body_within_the_limit_is_served(limited, upstream):
 async def test_a_provider_call_without_a_good_token_is_refused_on_its_headers(auth, message, call, http_server, base_url,
                                                                               upstream):
     port = int(base_url.rsplit(":", 1)[1])
-    head = (f"POST /openai/v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n" + (f"Authorization: {auth}\r\n" if auth else "")
+    head = ("POST /openai/v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n" + (f"Authorization: {auth}\r\n" if auth else "")
             + "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 20000000\r\n\r\n").encode()
     status, headers, body = status_and_json(await exchange(port, head))  # no byte of the 20 MB is ever sent
     assert status == 401 and orjson.loads(body) == {"message": message}

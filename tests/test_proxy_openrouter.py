@@ -12,7 +12,7 @@ from aipipe.providers.base import Call
 
 from .conftest import token
 from .fake_upstream import OPERATOR_KEYS
-from .helpers import calls_finished, chat, leave_mid_stream, message, settled, spent, sse_data
+from .helpers import calls_finished, chat, leave_mid_stream, message, spent, sse_data
 
 pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
 
