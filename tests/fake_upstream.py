@@ -1,12 +1,14 @@
 """A fake OpenAI / OpenRouter server speaking their real wire formats, for tests on loopback.
 
-Tests steer it through `FakeState` (same process): status codes, delays, how streams are cut
-into network writes, \\r\\n\\r\\n separators, and it records every request it received.
+Tests steer it through `FakeState` (same process): status codes, delays, a gate that holds answers until
+the test opens it, how streams are cut into network writes, \\r\\n\\r\\n separators, and it records every
+request it received.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -57,6 +59,10 @@ class FakeState:
     anthropic_error_after: int | None = None  # send an `error` event after this many events instead of finishing
     requests: list = field(default_factory=list)
     models_fetches: int = 0
+    # when given, OpenAI / OpenRouter answers wait (after `delay`) until it is set: calls stay in flight exactly
+    # as long as a test needs, however slow the machine; an answer still waiting after gate_timeout seconds is a 500
+    gate: asyncio.Event | None = None
+    gate_timeout: float = 60.0
 
     @property
     def last(self) -> dict:
@@ -77,6 +83,8 @@ class FakeHandler(tornado.web.RequestHandler):
         })
         if self.state.delay:
             await asyncio.sleep(self.state.delay)
+        if self.state.gate is not None:
+            await asyncio.wait_for(self.state.gate.wait(), self.state.gate_timeout)
         if self.state.script is not None and self.request.method == "POST" and b'"stream":true' in self.request.body \
                 and self.check_key():
             await play_script(self, self.state)
@@ -138,6 +146,25 @@ class ScriptedGemini(GeminiHandler):
         await super().prepare()
         if self.state.script is not None and self.request.path.endswith(":streamGenerateContent") and not self.refuse():
             await play_script(self, self.state)
+
+
+async def arrived(state: FakeState, n: int, answered: Callable[[], int] = lambda: 0, tries: int = 600) -> None:
+    """Wait until n requests reached the fake in all, counting `answered()` more that were answered before
+    reaching it (refused by the gateway); polls every 50 ms, at most `tries` times, then AssertionError."""
+    for _ in range(tries):
+        if len(state.requests) + answered() >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{len(state.requests)} requests reached the fake and {answered()} were answered; expected {n}")
+
+
+async def open_gate_once_decided(state: FakeState, n: int, answered: Callable[[], int]) -> None:
+    """Open state.gate once each of n requests has been decided: reached the fake (admitted; the gate holds it
+    there) or already answered without it. Opens it even if that never happens, so nothing waits on it."""
+    try:
+        await arrived(state, n, answered)
+    finally:
+        state.gate.set()
 
 
 def sse(obj) -> bytes:

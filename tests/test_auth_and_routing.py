@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from .conftest import SECRET, token
+from .fake_upstream import open_gate_once_decided
 from .helpers import chat, message, settled
 
 pytestmark = pytest.mark.every_gateway  # over each store and admission (conftest.GATEWAY_MODES)
@@ -151,10 +152,18 @@ async def test_a_user_just_under_the_limit_may_make_one_more_call(call, gateway,
 @pytest.mark.gen_test
 async def test_concurrency_cap_answers_429_with_retry_after(make_gateway, serve, call, upstream):
     import asyncio
-    upstream.state.delay = 0.5
     url = serve(await make_gateway(limits={"max_concurrent_per_user": 2}))
     t = token("busy@example.com")
-    results = await asyncio.gather(*[call(url + "/openai/v1/chat/completions", "POST", json=chat(), token=t) for _ in range(4)])
+    answered = []
+
+    async def one():
+        r = await call(url + "/openai/v1/chat/completions", "POST", json=chat(), token=t)
+        answered.append(r)
+        return r
+    upstream.state.gate = asyncio.Event()  # the admitted stay upstream until all four were admitted or refused
+    seen = len(upstream.state.requests)
+    results, _ = await asyncio.gather(asyncio.gather(*[one() for _ in range(4)]),
+                                      open_gate_once_decided(upstream.state, seen + 4, lambda: len(answered)))
     codes = sorted(r.code for r in results)
     assert codes == [200, 200, 429, 429]
     refused = next(r for r in results if r.code == 429)

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from aipipe.budget import today_utc
 from aipipe.storage import open_store
 
 from .conftest import ENV, token
+from .fake_upstream import open_gate_once_decided
 from .helpers import chat, settled
 from .pg import fresh_postgres_url
 
@@ -37,12 +38,16 @@ class Client:
 
     def __init__(self):
         self.http = AsyncHTTPClient(force_instance=True, max_clients=4 * BURST)
+        self.answered = 0  # chat calls answered so far
 
     async def chat(self, base: str, email: str, **body):
         req = HTTPRequest(base + "/openai/v1/chat/completions", method="POST", body=orjson.dumps(chat(**body)),
                           headers={"Authorization": f"Bearer {token(email)}", "Content-Type": "application/json"},
                           request_timeout=60)
-        return await self.http.fetch(req, raise_error=False)
+        try:
+            return await self.http.fetch(req, raise_error=False)
+        finally:
+            self.answered += 1
 
     async def post(self, base: str, path: str, email: str, data: dict):
         req = HTTPRequest(base + path, method="POST", body=orjson.dumps(data),
@@ -51,6 +56,17 @@ class Client:
 
     async def burst(self, bases: list[str], email: str, n: int = BURST, **body) -> list:
         return await asyncio.gather(*(self.chat(bases[i % len(bases)], email, **body) for i in range(n)))
+
+    async def held_burst(self, upstream, bases: list[str], email: str, n: int = BURST, **body) -> list:
+        """A burst whose admitted calls all stay upstream until every one of the n was decided: admitted (it
+        reached the fake upstream, whose gate holds it) or refused (answered). So each admission is decided
+        with all the others admitted before it still in flight, however slowly a loaded machine starts them."""
+        upstream.state.gate = asyncio.Event()
+        seen, answered = len(upstream.state.requests), self.answered
+        responses, _ = await asyncio.gather(
+            self.burst(bases, email, n, **body),
+            open_gate_once_decided(upstream.state, seen + n, lambda: self.answered - answered))
+        return responses
 
     def close(self):
         self.http.close()
@@ -99,8 +115,7 @@ async def test_burst_in_one_process_never_overspends(store_kind, make_gateway, s
     gw = await make_gateway(budget={USER: {"limit": limit, "days": 1}}, limits={"max_concurrent_per_user": 0})
     base = serve(gw)
     await gw.store.set_cost(USER, today_utc(), limit - remaining, time.time())
-    upstream.state.delay = 0.3  # all 50 are in flight together
-    responses = await client.burst([base], USER, **body)
+    responses = await client.held_burst(upstream, [base], USER, **body)  # all 50 decided with the admitted in flight
     await settled(gw)
     got = await check_burst(gw.store, responses, USER, limit, limit - remaining)
     if shape == "no_max_tokens":
@@ -150,14 +165,14 @@ class Instances:
         http = AsyncHTTPClient(force_instance=True)
         try:
             for base, proc in zip(self.bases, self.procs):
-                for _ in range(300):
+                for _ in range(600):
                     if proc.poll() is not None:
                         raise AssertionError(f"server exited with {proc.returncode}:\n{self.logs()}")
                     try:
-                        r = await http.fetch(base + "/nothing-here", raise_error=False, request_timeout=2)
+                        r = await http.fetch(base + "/nothing-here", raise_error=False, request_timeout=10)
                         if r.code == 404:
                             break
-                    except OSError:  # not listening yet
+                    except (OSError, HTTPClientError):  # not listening yet, or too slow to answer (timeout: 599)
                         pass
                     await asyncio.sleep(0.05)
                 else:
@@ -231,8 +246,7 @@ async def test_burst_across_two_instances_never_overspends(instances, pg_store, 
     bases = await instances.start(upstream.url, {"max_concurrent_per_user": 0},
                                   {"*": {"limit": 1.0, "days": 7}, USER: {"limit": limit, "days": 1}})
     await pg_store.set_cost(USER, today_utc(), limit - remaining, time.time())
-    upstream.state.delay = 0.3
-    responses = await client.burst(bases, USER, **body)
+    responses = await client.held_burst(upstream, bases, USER, **body)
     ok = sum(r.code == 200 for r in responses)
     await wait_written(pg_store, USER, ok)
     got = await check_burst(pg_store, responses, USER, limit, limit - remaining)
@@ -247,8 +261,7 @@ async def test_burst_across_two_instances_never_overspends(instances, pg_store, 
 async def test_concurrency_cap_holds_across_instances(instances, pg_store, upstream, client):
     bases = await instances.start(upstream.url, {"max_concurrent_per_user": 4},
                                   {"*": {"limit": 10.0, "days": 7}})
-    upstream.state.delay = 1.5  # the admitted ones stay in flight while the rest arrive
-    responses = await client.burst(bases, "many@example.com", n=20)
+    responses = await client.held_burst(upstream, bases, "many@example.com", n=20)  # the admitted stay in flight
     ok = [r for r in responses if r.code == 200]
     refused = [r for r in responses if r.code == 429]
     assert len(ok) == 4, [(r.code, r.body[:80]) for r in responses]  # 4 for both instances, not 4 each
@@ -259,7 +272,6 @@ async def test_concurrency_cap_holds_across_instances(instances, pg_store, upstr
     # both instances refused some: the cap was shared, not enforced by one process alone
     assert {r.effective_url.split("/openai/")[0] for r in refused} == set(bases)
     await wait_written(pg_store, "many@example.com", 4)
-    upstream.state.delay = 0
     again = await client.burst(bases, "many@example.com", n=2)  # the slots are free again
     assert [r.code for r in again] == [200, 200]
 
@@ -313,8 +325,7 @@ async def test_burst_across_two_servers_sharing_one_sqlite_file_never_overspends
         store = await open_store(url)
         remaining, body = SHAPES["no_max_tokens"]
         await store.set_cost(USER, today_utc(), 0.05 - remaining, time.time())
-        upstream.state.delay = 0.3
-        responses = await client.burst(bases, USER, **body)
+        responses = await client.held_burst(upstream, bases, USER, **body)
         ok = sum(r.code == 200 for r in responses)
         await wait_written(store, USER, ok)
         got = await check_burst(store, responses, USER, 0.05, 0.05 - remaining)

@@ -12,6 +12,7 @@ import pytest
 from aipipe.budget import today_utc
 from aipipe.storage import Charge
 
+from .fake_upstream import arrived
 from .test_postgres_outage import STORE_DOWN, USER, Calls, CuttableProxy, message, terminate_backends, until_ok
 from .pg import fresh_postgres_url, with_port
 
@@ -143,13 +144,13 @@ async def test_refusals_while_the_store_is_away_are_503_and_nobody_stays_at_the_
     gw = await make_gateway(storage={"url": url}, limits={"max_concurrent_per_user": 1})
     gw.ledger.retry_seconds = 2.0
     calls = Calls(serve(gw))
-    upstream.state.delay = 2.0
+    upstream.state.gate = asyncio.Event()  # the first call stays upstream until the store is away
     in_flight = asyncio.ensure_future(calls.chat())  # holds the user's only slot
-    await asyncio.sleep(0.4)
+    await arrived(upstream.state, 1)  # admitted: it reached the provider
     await proxy.cut()
-    upstream.state.delay = 0
     down = await calls.chat()
     assert down.code == 503 and message(down) == STORE_DOWN
+    upstream.state.gate.set()
     assert (await in_flight).code == 200  # finished while the store is away: its hold is released late
     await proxy.restore()
     await until_ok(calls)  # never "Too many requests in flight"

@@ -19,6 +19,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from aipipe.budget import today_utc
 
 from .conftest import POSTGRES_URL, token
+from .fake_upstream import arrived
 from .helpers import chat, settled
 from .pg import fresh_postgres_url, with_port
 from .test_budget_concurrency import Instances
@@ -131,16 +132,16 @@ async def test_outage_answers_503_keeps_serving_recovers_and_loses_no_cost(make_
     assert first.code == 200
     costs.append(float(first.headers["X-AIPipe-Cost"]))
 
-    upstream.state.delay = 1.0
-    in_flight = asyncio.ensure_future(calls.chat())  # admitted now, settled during the outage
-    await asyncio.sleep(0.4)
+    upstream.state.gate = asyncio.Event()  # holds the call upstream: admitted now, settled during the outage
+    in_flight = asyncio.ensure_future(calls.chat())
+    await arrived(upstream.state, 2)  # admitted: it reached the provider
     await proxy.cut()
-    upstream.state.delay = 0
 
     down = await calls.chat()  # answered while the database is still down, not held until it is back
     assert down.code == 503 and message(down) == STORE_DOWN
     usage = await calls.usage()
     assert usage.code == 503 and message(usage) == STORE_DOWN
+    upstream.state.gate.set()  # the call in flight finishes while the database is away
     native = await calls.chat(auth="sk-user-native-key")  # needs no store: still served
     assert native.code == 200, native.body
 
@@ -184,11 +185,12 @@ async def test_pool_recovers_after_its_connections_are_killed(make_gateway, serv
     await settled(gw)
     ok = 10
     for _ in range(3):
-        upstream.state.delay = 0.5
+        upstream.state.gate = asyncio.Event()  # the five stay upstream until the pool's connections are killed
+        seen = len(upstream.state.requests)
         pending = asyncio.ensure_future(asyncio.gather(*(calls.chat() for _ in range(5))))
-        await asyncio.sleep(0.2)
+        await arrived(upstream.state, seen + 5)  # all five admitted; their charges are still to be written
         assert await terminate_backends(app_name) >= 1
-        upstream.state.delay = 0
+        upstream.state.gate.set()
         done = await pending
         assert {r.code for r in done} == {200}
         ok += 5
