@@ -15,6 +15,7 @@ import pytest
 import tornado.httpserver
 import tornado.testing
 import tornado.web
+from playwright.sync_api import expect
 
 from aipipe.config import build_config
 from aipipe.gateway import Gateway
@@ -24,6 +25,11 @@ from aipipe.storage import open_store
 from .conftest import ENV, base_config, token
 from .fake_google import CLIENT_ID, credential, make_certs_app
 from .fake_upstream import FakeState, make_fake_app
+
+# Playwright's expect() waits 5 s by default, and a context's default timeout does not reach it: too little for a
+# loaded CI machine. Set here, on import, so every browser test module (they all import this one) gets it.
+EXPECT_TIMEOUT_MS = 20_000
+expect.set_options(timeout=EXPECT_TIMEOUT_MS)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -219,7 +225,7 @@ def open_page(browser, request):
 
     def open_as(email: str = "user@example.com", width: int | None = None):
         context = browser.new_context(viewport={"width": width, "height": 900} if width else None)
-        context.set_default_timeout(10_000)
+        context.set_default_timeout(EXPECT_TIMEOUT_MS)
         context.route(NOT_LOOPBACK, lambda route: route.abort())
         context.route("https://accounts.google.com/gsi/client",
                       lambda route: route.fulfill(content_type="text/javascript", body=gis_stub(credential(email))))
@@ -254,7 +260,7 @@ def signed_in(page, live, email: str, tok: str | None = None) -> None:
                   [tok or token(email), email])
 
 
-def wait_for(page, predicate, tries: int = 200) -> None:
+def wait_for(page, predicate, tries: int = 400) -> None:
     """Poll predicate every 50 ms of the page's own clock (which lets Playwright deliver its events), `tries` times."""
     for _ in range(tries):
         if predicate():

@@ -178,6 +178,7 @@ async def test_provider_hanging_past_the_timeout_is_504_json_and_free(make_gatew
         assert_json_error(r, 504, "openai did not answer in time")
         assert await charges(gw, "hang@example.com") == []
         await assert_no_hold_left(gw, "hang@example.com")
+        gw.upstream_timeout = 30.0  # the same gateway, read per call: 0.5 s was for the hang, not the healthy call
         await follow_up_succeeds(call, base, "hang@example.com")
         rows = await charges(gw, "hang@example.com")
         assert [row["cost"] for row in rows] == [pytest.approx(price_of("openai", OPENAI_MODEL, Usage(40, 9)), abs=1e-9)]
@@ -200,6 +201,7 @@ async def test_stream_hanging_past_the_timeout_is_cut_and_billed_the_estimate(ma
         expected = await estimate(gw, "openai", CHAT, body, streamed_bytes(b"".join(sent)))
         assert rows[0]["cost"] == pytest.approx(expected, abs=1e-9) and expected > 0
         await assert_no_hold_left(gw, "slowstream@example.com")
+        gw.upstream_timeout = 30.0  # the same gateway, read per call: 0.5 s was for the hang, not the healthy call
         await follow_up_succeeds(call, base, "slowstream@example.com")
     finally:
         await provider.close()

@@ -35,8 +35,8 @@ class TargetHandler(tornado.web.RequestHandler):
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
-    def initialize(self, seen: list) -> None:
-        self.seen = seen
+    def initialize(self, seen: list, first_chunk_arrived: asyncio.Event) -> None:
+        self.seen, self.first_chunk_arrived = seen, first_chunk_arrived
 
     def prepare(self) -> None:
         self.seen.append({"method": self.request.method, "path": self.request.path, "query": self.request.query,
@@ -63,6 +63,16 @@ class TargetHandler(tornado.web.RequestHandler):
                 self.finish()
             except StreamClosedError:
                 pass  # the proxy hung up on us (max_bytes)
+        elif what == "held":  # chunked: one chunk, then the rest only once the caller says the first chunk arrived
+            self.seen[-1]["chunks_sent"] = 1
+            self.write(b"y" * 1000)
+            await self.flush()
+            try:  # a hang guard: a relay that holds the first chunk back gets the rest after this, and the test fails
+                await asyncio.wait_for(self.first_chunk_arrived.wait(), 15)
+            except asyncio.TimeoutError:
+                pass
+            self.seen[-1]["chunks_sent"] = 2
+            self.finish(b"y" * 2000)
         elif what == "slow":
             await asyncio.sleep(float(self.get_query_argument("s")))
             self.finish("late")
@@ -87,18 +97,20 @@ class TargetHandler(tornado.web.RequestHandler):
 
 
 class Target:
-    def __init__(self, port: int, seen: list):
-        self.port, self.seen = port, seen
+    def __init__(self, port: int, seen: list, first_chunk_arrived: asyncio.Event):
+        self.port, self.seen, self.first_chunk_arrived = port, seen, first_chunk_arrived
         self.url = f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
 def target(io_loop):
     seen: list = []
+    first_chunk_arrived = asyncio.Event()
+    handler_args = {"seen": seen, "first_chunk_arrived": first_chunk_arrived}
     sock, port = tornado.testing.bind_unused_port()
-    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/(\w+)", TargetHandler, {"seen": seen})]))
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/(\w+)", TargetHandler, handler_args)]))
     server.add_sockets([sock])
-    yield Target(port, seen)
+    yield Target(port, seen, first_chunk_arrived)
     server.stop()
 
 
@@ -259,11 +271,16 @@ async def test_target_errors_pass_through_as_they_are(call, target):
 
 @pytest.mark.gen_test
 async def test_answer_is_streamed_as_it_arrives(call, target):
-    arrivals: list[float] = []
-    started = time.monotonic()
-    r = await call(f"/proxy/{target.url}/drip?n=3000", streaming_callback=lambda chunk: arrivals.append(time.monotonic()))
+    sent_when_received: list[int] = []  # for each chunk the caller got, how many the target had sent by then
+
+    def received(chunk: bytes) -> None:
+        sent_when_received.append(target.seen[-1]["chunks_sent"])
+        target.first_chunk_arrived.set()  # only now does the target send the rest
+
+    r = await call(f"/proxy/{target.url}/held", streaming_callback=received)
     assert r.code == 200
-    assert arrivals[0] - started < time.monotonic() - started - 0.2  # the first bytes came before the target's pause ended
+    assert sent_when_received[0] == 1  # the first bytes reached the caller before the target sent the rest
+    assert sent_when_received[-1] == 2
 
 
 @pytest.mark.gen_test

@@ -10,7 +10,7 @@ import time
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httputil import HTTPHeaders
 
@@ -89,7 +89,7 @@ async def test_first_admission_counts_queued_charges_exactly_once(tmp_path):
     admission = MemoryAdmission(store, ledger)
     ledger.start()  # the spooled 0.40 is queued for writing
     try:
-        decision = await asyncio.wait_for(admission.decide(request(limit=1.0)), 5)
+        decision = await asyncio.wait_for(admission.decide(request(limit=1.0)), 30)  # a hang guard
         assert decision.spent == pytest.approx(0.75)
         settle(admission, ledger, charge(0.25, hold_id=decision.hold_id))
         refused = admission.decide_now(request(limit=1.0))  # 1.00 of 1.00: out of budget, with no round trip
@@ -113,11 +113,14 @@ async def test_memory_mode_refuses_admissions_while_charges_cannot_be_written(tm
         decision = await admission.decide(request())
         store.down = True
         done = settle(admission, ledger, charge(0.1, hold_id=decision.hold_id))
-        await asyncio.sleep(LINGER + 0.1)  # the writer's first attempt
+        for _ in range(600):  # the writer's first attempt failed (a bounded wait: 30 s)
+            if ledger.failing:
+                break
+            await asyncio.sleep(0.05)
         with pytest.raises(StoreUnavailable):
             await admission.decide(request())
         store.down = False
-        await asyncio.wait_for(done, 2)
+        await asyncio.wait_for(done, 30)  # a hang guard
         await asyncio.sleep(0.1)
         assert (await admission.decide(request())).spent == pytest.approx(0.1)
     finally:
@@ -159,7 +162,7 @@ async def test_admin_correction_applies_to_the_next_request(make_gateway, serve,
     assert r.code == 429 and message(r).startswith("Usage $1 / $1")
 
 
-@pytest.mark.gen_test(timeout=20)
+@pytest.mark.gen_test(timeout=60)
 async def test_a_write_from_another_program_is_seen_within_seconds(tmp_path, make_gateway, serve, call):
     path = tmp_path / "outside.db"
     gw = await make_gateway(storage={"url": f"sqlite:///{path}"})
@@ -169,8 +172,7 @@ async def test_a_write_from_another_program_is_seen_within_seconds(tmp_path, mak
     with sqlite3.connect(path) as db:  # what `aipipe set-cost` does, from another process
         db.execute("INSERT INTO usage (email, date, cost) VALUES (?, ?, 5.0) ON CONFLICT (email, date) "
                    "DO UPDATE SET cost = 5.0", ("cli@example.com", today_utc().isoformat()))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    for _ in range(100):  # the store is checked every second; 100 tries of at least 0.2 s is a generous hang guard
         r = await call(url + "/openai/v1/chat/completions", "POST", json=chat(), token=user)
         if r.code == 429:
             break
@@ -213,6 +215,7 @@ async def test_a_rolling_window_moves_on_at_midnight(make_gateway, monkeypatch):
     assert admission.hold_id is not None and admission.spent == 0.0
 
 
+@settings(deadline=None)  # a loaded CI machine can take longer than the default 200 ms per example
 @given(st.floats(min_value=0, max_value=4102444800, allow_nan=False))  # 1970 to 2100
 def test_utc_date_is_the_calendar_date_in_utc(ts):
     # whole seconds: fromtimestamp rounds to microseconds, which can carry the last instant of a day into the next

@@ -53,7 +53,7 @@ async def test_usage_days_out_of_range_is_400(call, gateway, upstream, days):
 async def test_usage_reflects_a_finished_request_at_once(call, gateway, upstream):
     t = token("fresh@example.com")
     await call("/openai/v1/chat/completions", "POST", json=chat(), token=t)
-    await settled(gateway, timeout=1.0)
+    await settled(gateway)
     body = orjson.loads((await call("/usage?by=model", token=t)).body)
     assert body["usage"][-1]["cost"] == pytest.approx(6e-6, abs=1e-12)
     assert body["models"] == [{"provider": "openai", "model": "gpt-4o-mini", "requests": 1, "input_tokens": 12,
