@@ -75,8 +75,12 @@ async def test_metrics_token_when_set_is_required(call, make_gateway, serve):
 @pytest.mark.gen_test(timeout=120)
 async def test_one_scrape_shows_every_worker_of_a_multiprocess_server(tmp_path, upstream):
     import asyncio
+    import os
     import signal
+    import tempfile
 
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
     from tornado.httpclient import AsyncHTTPClient
 
     from .conftest import base_config
@@ -97,12 +101,21 @@ async def test_one_scrape_shows_every_worker_of_a_multiprocess_server(tmp_path, 
                                             "Connection": "close"}, raise_error=False)
             assert r.code == 200
         client.close()
-        key = ("aipipe_requests_total", frozenset({"provider": "openai", "route": "provider", "status": "200"}.items()))
-        await asyncio.sleep(1.2)  # each worker adds its counts to the shared files once a second
+        labels = {"provider": "openai", "route": "provider", "status": "200"}
+        # each worker adds its counts to the shared files once a second: wait (bounded) until they are all in,
+        # reading the files rather than scraping, as a scrape adds in the counts of the worker answering it
+        folder = os.path.join(tempfile.gettempdir(), f"aipipe-metrics-{proc.proc.pid}")
+        for _ in range(150):
+            if os.path.isdir(folder):
+                files = CollectorRegistry()
+                MultiProcessCollector(files, path=folder)
+                if files.get_sample_value("aipipe_requests_total", labels) == calls:
+                    break
+            await asyncio.sleep(0.1)
         counts = []
         for _ in range(4):  # whichever worker answers, the sum is the same
             r = await AsyncHTTPClient(force_instance=True).fetch(proc.url + "/metrics", headers={"Connection": "close"})
-            counts.append(samples(r.body)[key])
+            counts.append(samples(r.body)[("aipipe_requests_total", frozenset(labels.items()))])
         assert counts == [calls] * 4
         proc.signal(signal.SIGTERM)
         assert await proc.exited() == 0

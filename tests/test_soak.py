@@ -38,11 +38,17 @@ KINDS = ["openai-json", "openai-stream", "openai-stream-usage", "responses-json"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
 
-def free_port() -> int:
+def free_ports(n: int) -> list[int]:
+    """n different free loopback ports: each stays bound until all are chosen, so no two can be the same."""
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    held = [socket.socket() for _ in range(n)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def wait_listening(port: int, proc: subprocess.Popen, log_path: str, tries: int = 300) -> None:
@@ -65,7 +71,7 @@ class Processes:
     def __init__(self, folder, storage_url: str, seed: int):
         self.folder, self.storage_url = str(folder), storage_url
         self.records = os.path.join(self.folder, "fake-records.jsonl")
-        self.fake_port, self.port = free_port(), free_port()
+        self.fake_port, self.port = free_ports(2)
         self.fake_log = os.path.join(self.folder, "fake.log")
         self.fake = self._spawn([sys.executable, "-m", "tests.soak_support", str(self.fake_port), self.records,
                                  str(seed)], self.fake_log, cwd=REPO)
