@@ -6,7 +6,9 @@ e.g. application_name=aipipe):
 
 - schema=NAME          keep AI Pipe's tables in schema NAME (created if missing; search_path=NAME)
 - connect_timeout=S    seconds to wait for a new connection (default 5)
-- command_timeout=S    seconds one statement may take (default 30)
+- command_timeout=S    seconds one statement may take (default 30); also the server's
+                       idle_in_transaction_session_timeout, which ends a transaction whose
+                       connection vanished mid-commit (it would hold its users' locks)
 
 Several processes on several machines may share one database:
 
@@ -32,7 +34,6 @@ import asyncio
 import json
 import logging
 import secrets
-import time
 from contextlib import asynccontextmanager
 from datetime import date
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -103,12 +104,16 @@ class PostgresStore(Store):
 
     async def setup(self) -> None:
         """Open the pool and apply pending migrations under an advisory lock."""
-        settings = {"search_path": quote_ident(self.schema)} if self.schema else {}
+        # A transaction left open by a connection that vanished mid-commit holds its users' locks (and makes a
+        # release of its holds wait): the server ends it once it has sat idle as long as a statement may take.
+        settings = {"idle_in_transaction_session_timeout": str(int(self.command_timeout * 1000))}
+        if self.schema:
+            settings["search_path"] = quote_ident(self.schema)
         try:
             self._pool = await asyncio.wait_for(asyncpg.create_pool(
                 self.dsn, min_size=self.pool_min, max_size=self.pool_max, timeout=self.connect_timeout,
                 command_timeout=self.command_timeout, max_inactive_connection_lifetime=300.0,
-                server_settings=settings or None), timeout=self.connect_timeout * max(1, self.pool_min) + 5)
+                server_settings=settings), timeout=self.connect_timeout * max(1, self.pool_min) + 5)
         except asyncio.TimeoutError:
             raise StoreUnavailable(f"no answer within {self.connect_timeout:g}s") from None
         async with self._pool.acquire() as conn:
@@ -196,8 +201,7 @@ class PostgresStore(Store):
         """Ledger rows, daily totals and hold releases for a batch, in one statement (one round trip)."""
         billed = [ledger_record(c) for c in charges if c.kind != "release"]
         released = dict(sorted((c.hold_id, c.email) for c in charges if c.hold_id is not None))
-        await self._execute(SETTLE, *columns(billed, 14), list(released), list(released.values()),
-                            time.time() - RATE_WINDOW - 1)
+        await self._execute(SETTLE, *columns(billed, 14), list(released), list(released.values()))
 
     async def spend(self, email: str, since: date) -> float:
         """Settled cost in the window."""

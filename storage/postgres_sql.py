@@ -61,7 +61,8 @@ INSERT_LEDGER = f"INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LE
 # A release is an upsert on the hold's id: for an admission whose COMMIT lost its answer, it waits for
 # that transaction if it is still open and marks the row released whether the commit landed or not (a
 # plain UPDATE would pass over a row not yet visible, leaving a hold counted as a call in flight). A row
-# it has to write is dated outside the rate window, since it was no call.
+# it has to write (the admission did not commit, or its hold was pruned) is dated 0: no rate window holds
+# it, and the next prune drops it. How long it can wait is bounded by idle_in_transaction_session_timeout.
 SETTLE = f"""WITH ledger_rows AS (INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT * FROM unnest({LEDGER_ARRAYS})
         ON CONFLICT (charge_id) DO NOTHING RETURNING email, date, cost),
     totals AS (INSERT INTO usage (email, date, cost)
@@ -69,7 +70,7 @@ SETTLE = f"""WITH ledger_rows AS (INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT *
         GROUP BY email, date ORDER BY email, date
         ON CONFLICT (email, date) DO UPDATE SET cost = usage.cost + excluded.cost),
     released AS (INSERT INTO holds (id, email, amount, created, expires, released)
-        SELECT id, email, 0, $17::float8, $17::float8, TRUE FROM unnest($15::bigint[], $16::text[]) AS r (id, email)
+        SELECT id, email, 0, 0, 0, TRUE FROM unnest($15::bigint[], $16::text[]) AS r (id, email)
         ON CONFLICT (id) DO UPDATE SET released = TRUE)
     SELECT 1"""
 PRUNE_HOLDS = """DELETE FROM holds WHERE id IN (

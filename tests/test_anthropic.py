@@ -211,9 +211,11 @@ async def test_web_searches_are_held_at_max_uses_however_large(make_gateway, ser
     """A budget of $100 cannot admit a call that may run 20,000 searches at $0.01: refused before it is sent."""
     url = serve(await make_gateway(budget={"many-searches@example.com": {"limit": 100.0, "days": 1}}))
     tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 20_000}]
-    r = await call(url + "/anthropic/v1/messages", "POST", json=messages_body(tools=tools),
-                   headers={"x-api-key": token("many-searches@example.com")})
-    assert r.code == 429 and "could cost up to" in message(r)
+    for uses in (20_000, 20_000.0):  # however the number is spelled
+        tools[0]["max_uses"] = uses
+        r = await call(url + "/anthropic/v1/messages", "POST", json=messages_body(tools=tools),
+                       headers={"x-api-key": token("many-searches@example.com")})
+        assert r.code == 429 and "could cost up to" in message(r)
     assert upstream.state.requests == []
     tools[0]["max_uses"] = 50  # $0.50 of searches: admitted
     r = await call(url + "/anthropic/v1/messages", "POST", json=messages_body(tools=tools),

@@ -126,6 +126,8 @@ async def test_the_model_list_gives_each_price_its_maximum_output():
 @pytest.mark.parametrize("extra,results", [
     ({"plugins": [{"id": "web"}]}, 5), ({"plugins": [{"id": "web", "max_results": 10}]}, 10),
     ({"plugins": [{"id": "web", "max_results": 5000}]}, 5000),  # as many as asked: no cap below the request
+    ({"plugins": [{"id": "web", "max_results": 100.0}]}, 100),  # the same number to a JSON reader
+    ({"plugins": [{"id": "web", "max_results": 2}, {"id": "web", "max_results": 40}]}, 40),  # the largest
     ({"model": "openai/gpt-4o-mini:online"}, 5), ({}, 0)])
 async def test_the_web_plugin_is_held_at_its_price_per_result(extra, results, make_gateway, serve, call, upstream):
     """OpenRouter bills web results in usage.cost; admission must have held them, so a budget bounds them too."""

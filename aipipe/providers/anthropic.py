@@ -10,7 +10,8 @@ from typing import Any
 
 from ..errors import ApiError
 from ..usage import Usage, count
-from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, refuse_unpriced_tools, require_price, set_hold
+from .base import (MISSING_MODEL, NO_BODY_METHODS, Call, Provider, count_asked, refuse_unpriced_tools, require_price,
+                   set_hold)
 
 MESSAGES = "/v1/messages"
 FREE_POST = frozenset({"/v1/messages/count_tokens"})  # names a model (so model rules apply) but costs nothing
@@ -66,9 +67,8 @@ class Anthropic(Provider):
         searches = 0
         for tool in tools:
             if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search"):
-                uses = tool.get("max_uses")
                 # as many as the request allows, however many: a hold below that would let spend pass the limit
-                searches += uses if uses.__class__ is int and uses > 0 else DEFAULT_WEB_SEARCHES
+                searches += count_asked(tool.get("max_uses"), DEFAULT_WEB_SEARCHES)
         return searches * price.per_web_search
 
     def answer_usage(self, call: Call, obj: Any) -> Usage | None:

@@ -1,6 +1,7 @@
 """What every provider module provides, and the per-request record they fill in."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,14 @@ def refuse_unpriced_tools(data: Any, hosted: tuple[str, ...]) -> None:
         for name in names:
             if isinstance(name, str) and name.startswith(hosted):
                 raise ApiError(400, f"Tool {name} is not supported here: what the provider charges for it is not priced")
+
+
+def count_asked(value, default: int) -> int:
+    """A count a request asks for (web results, searches), rounded up: a positive number, however spelled (100.0
+    is 100 to a JSON reader), else the provider's default."""
+    if value.__class__ in (int, float) and value > 0:
+        return math.ceil(value)
+    return default
 
 
 def require_price(call: Call, price: Price | None, model: str) -> Price:

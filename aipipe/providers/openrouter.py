@@ -11,7 +11,7 @@ from ..singleflight import SingleFlight
 from ..pricing import Price, cost_of
 from ..upstream import describe
 from ..usage import Usage
-from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, require_price, set_hold
+from .base import MISSING_MODEL, NO_BODY_METHODS, Call, Provider, count_asked, require_price, set_hold
 
 log = logging.getLogger("aipipe.openrouter")
 MAX_FALLBACKS = 16  # models one call may name for OpenRouter to fall back on
@@ -131,11 +131,9 @@ class OpenRouter(Provider):
     def _web_results(data, models: list[str]) -> int:
         """How many web results the call may pay for: the web plugin's max_results, or 5 for ":online" models."""
         plugins = data.get("plugins") if isinstance(data, dict) else None
-        for plugin in plugins if isinstance(plugins, list) else ():
-            if isinstance(plugin, dict) and plugin.get("id") == "web":
-                most = plugin.get("max_results")
-                # as many as the request asks for, however many: a hold below that would let spend pass the limit
-                return most if most.__class__ is int and most > 0 else WEB_RESULTS
+        webs = [p for p in (plugins if isinstance(plugins, list) else ()) if isinstance(p, dict) and p.get("id") == "web"]
+        if webs:  # as many as the request asks for, however many (100.0 too): a smaller hold lets spend pass the limit
+            return max(count_asked(p.get("max_results"), WEB_RESULTS) for p in webs)
         return WEB_RESULTS if any(m.endswith(":online") for m in models) else 0
 
     @staticmethod
