@@ -19,7 +19,6 @@ PERIODS = ("day", "week", "month")
 CHOICES = {"storage.admission": ("auto", "store"), "server.log_format": ("text", "json")}
 
 
-
 def budget_for(rules: Mapping[str, Budget], email: str) -> Budget:
     """The rule for an email: by the exact (lower-cased) email, then its @domain, then "*", else a zero limit."""
     email = email.lower()
@@ -28,6 +27,7 @@ def budget_for(rules: Mapping[str, Budget], email: str) -> Budget:
         if budget is not None:
             return budget
     return Budget(limit=0.0, days=1)
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""

@@ -228,10 +228,9 @@ def _pass_stop_to_workers() -> None:
     parent = os.getpid()
 
     def handle(sig, frame) -> None:
-        if os.getpid() != parent:  # a worker between fork and its own handlers: it stops once it has started
-            _stopping.append(sig)  # (_serve looks), since leaving mid-start would leave its store's thread behind
-            return
         _stopping.append(sig)  # a worker Tornado restarts from now on stops at once (run() checks this)
+        if os.getpid() != parent:  # a worker between fork and its own handlers: it stops once it has started
+            return  # (_serve looks), since leaving mid-start would leave its store's thread behind
         for pid in _workers_of(parent):
             try:
                 os.kill(pid, signal.SIGTERM)

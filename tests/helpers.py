@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import time
+import urllib.error
+import urllib.request
 
 import orjson
 
@@ -108,3 +112,28 @@ async def raw_request(base_url: str, method: str, target: str, headers: dict | l
             pos = end + 4 + size
         rest = out
     return int(status_line.split()[1]), found, rest
+
+
+def serving(port: int) -> bool:
+    """Whether a server answers HTTP on port (any status counts). It binds its port before it opens its store and
+    answers only after, so a connect alone would not do; a connect the listen backlog took waits for the answer
+    (60 s, a hang guard)."""
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def wait_serving(port: int, proc: subprocess.Popen, tries: int = 300) -> bool:
+    """Whether the server process came to answer on port, trying every 0.1 s while it is not listening yet
+    (bounded); False at once if it exited."""
+    for _ in range(tries):
+        if proc.poll() is not None:
+            return False
+        if serving(port):
+            return True
+        time.sleep(0.1)
+    return False

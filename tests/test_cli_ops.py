@@ -9,14 +9,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from aipipe import systemd
 from aipipe.config import build_config
 
+from .helpers import wait_serving
 from .server_process import write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,7 +264,7 @@ def test_backup_while_the_server_runs_and_another_process_writes_is_consistent(t
     stop, started = tmp_path / "stop", tmp_path / "started"
     writer = None
     try:
-        assert wait_for(lambda: answering(port, server)), "server did not start"
+        assert wait_serving(port, server), "server did not start"
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "aipipe.db"), str(stop), str(started)])
         assert wait_for(started.exists)
         for n in range(3):  # each a snapshot while rows keep arriving
@@ -330,17 +329,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def answering(port: int, server: subprocess.Popen) -> bool:
-    """Whether the server answers HTTP (any status): it binds its port before it migrates the store, and answers
-    only after, so a bare connect could let a writer in before the tables exist. A connect taken into the listen
-    backlog waits here for the answer (60 s: a hang guard); a refused one is False, to try again."""
-    assert server.poll() is None, f"server exited with {server.returncode}"
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60).close()
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True

@@ -17,6 +17,8 @@ import pytest
 
 from aipipe.config import ConfigError, build_config, load_config
 
+from .helpers import serving, wait_serving
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -131,29 +133,6 @@ def test_serve_starts_serves_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
 
-
-
-def serving(port: int) -> bool:
-    """Whether a server answers on port (any HTTP status counts). A connect the listen backlog took waits for
-    the answer (60 s, a hang guard: a server still starting answers once it has opened its store)."""
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/usage", timeout=60)
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def wait_serving(port: int, proc: subprocess.Popen, tries: int = 300) -> bool:
-    """Whether the server came to answer on port, trying every 0.1 s while it is not yet listening (bounded)."""
-    for _ in range(tries):
-        if proc.poll() is not None:
-            return False
-        if serving(port):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def start_processes(tmp_path, n: int, **popen) -> tuple[subprocess.Popen, int]:

@@ -162,10 +162,11 @@ class OpenRouter(Provider):
         if usage.cost is not None:
             return usage.cost
         prices = call.extra.get("prices") or ({call.model: call.price} if call.price else {})
-        web_fee = call.extra.get("web_fee", 0.0)
         if usage.model in prices:
-            return cost_of(prices[usage.model], usage) + web_fee
-        return max((cost_of(price, usage) for price in prices.values()), default=0.0) + web_fee
+            tokens = cost_of(prices[usage.model], usage)
+        else:
+            tokens = max((cost_of(price, usage) for price in prices.values()), default=0.0)
+        return tokens + call.extra.get("web_fee", 0.0)
 
 
 PROVIDER = OpenRouter()
